@@ -1,0 +1,108 @@
+"""The TensorFlow lane: runs the reference on neutral weights and inputs.
+
+The whole computation, outer gradient included, is one `tf.function` that
+differentiates with `tf.gradients`, as the TF1 graph did.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+import tf_impl
+from parity import config as config_lib
+
+__all__ = ["quantities", "tf_dtype"]
+
+
+def tf_dtype(name):
+    return {"float64": tf.float64, "float32": tf.float32}[name]
+
+
+def _call_loss(loss_fn, kwargs):
+    out = loss_fn(**kwargs)
+    if isinstance(out, dict):
+        return out
+    return {"loss": out}
+
+
+def quantities(cfg, weights, x_nhwc, labels, loss_fn=None):
+    """Every compared quantity of the TensorFlow side, neutral layout, numpy.
+
+    Args:
+        cfg: the `Config`.
+        weights: neutral weight set.
+        x_nhwc: ``[B, H, W, 1]`` inputs.
+        labels: ``[B]`` class indices.
+        loss_fn: a loss with `large_margin`'s signature; the built-in
+            `tf_impl.large_margin_parts` if None.
+
+    Returns:
+        A dict of quantity name -> array, with the keys of
+        `parity.torch_side.quantities`.
+    """
+    loss_fn = loss_fn or tf_impl.large_margin_parts
+    dtype = tf_dtype(cfg.dtype)
+    model = tf_impl.ReferenceNet(cfg.arch, weights, dtype)
+    names = model.trainable_names
+
+    @tf.function(autograph=False)
+    def compute(x, y):
+        logits, endpoints = model(x, training=cfg.training)
+        layers = [x if n == "input" else endpoints[n] for n in cfg.layers]
+        sizes = config_lib.layer_sizes([t.shape.as_list() for t in layers])
+        kwargs = cfg.loss_kwargs(sizes)
+        one_hot = tf.one_hot(y, logits.shape[1], dtype=logits.dtype)
+        parts = _call_loss(
+            loss_fn, dict(logits=logits, one_hot_labels=one_hot, layers_list=layers, **kwargs)
+        )
+        if "layers" not in parts:
+            single_losses = []
+            for i in range(len(layers)):
+                single = dict(kwargs)
+                if kwargs["layers_weights"] is not None:
+                    single["layers_weights"] = [kwargs["layers_weights"][i]]
+                single_losses.append(
+                    _call_loss(
+                        loss_fn,
+                        dict(
+                            logits=logits,
+                            one_hot_labels=one_hot,
+                            layers_list=[layers[i]],
+                            **single,
+                        ),
+                    )["loss"]
+                )
+            parts["single_losses"] = single_losses
+        grads = tf.gradients(parts["loss"], [x] + model.trainable)
+        grads = [tf.zeros_like(v) if g is None else g for g, v in
+                 zip(grads, [x] + model.trainable)]
+        return logits, endpoints, parts, grads
+
+    x = tf.constant(x_nhwc, dtype)
+    y = tf.constant(labels, tf.int64)
+    logits, endpoints, parts, grads = compute(x, y)
+
+    out = {"input": np.array(x_nhwc), "logits": logits.numpy()}
+    for name, t in endpoints.items():
+        out[f"activation/{name}"] = t.numpy()
+    if "top_k_index" in parts:
+        out["top_k_index"] = parts["top_k_index"].numpy().astype(np.int64)
+    if "layers" in parts:
+        for name, part in zip(cfg.layers, parts["layers"]):
+            out[f"clip_branch/{name}"] = part["clip_branch"].numpy().astype(np.int64)
+        out["probabilities"] = parts["probabilities"].numpy()
+        out["difference"] = parts["difference"].numpy()
+        for name, part in zip(cfg.layers, parts["layers"]):
+            grad = part["gradient"].numpy()
+            for k in range(grad.shape[0]):
+                out[f"gradient/{name}/k{k}"] = grad[k]
+            out[f"grad_norm/{name}"] = part["grad_norm"].numpy()
+            out[f"distance/{name}"] = part["distance"].numpy()
+            out[f"layer_loss/{name}"] = part["loss"].numpy()
+    else:
+        for name, single in zip(cfg.layers, parts["single_losses"]):
+            out[f"layer_loss/{name}"] = single.numpy()
+    out["loss"] = parts["loss"].numpy()
+    out["loss_gradient/input"] = grads[0].numpy()
+    for name, g in zip(names, grads[1:]):
+        out[f"loss_gradient/{name}"] = g.numpy()
+    return out

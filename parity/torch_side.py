@@ -1,0 +1,134 @@
+"""The PyTorch lane: runs a port on neutral weights and inputs, returns numpy.
+
+A `Port` bundles what can differ between ports: the loss function and how the
+network is built. Mutants (`parity.mutants`) and user plug-ins are ports.
+"""
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import torch_impl
+from parity import config as config_lib
+from parity import weights as neutral
+
+__all__ = ["Port", "quantities", "torch_dtype"]
+
+
+def torch_dtype(name):
+    return {"float64": torch.float64, "float32": torch.float32}[name]
+
+
+@dataclasses.dataclass
+class Port:
+    """A PyTorch port under test.
+
+    Attributes:
+        name: shown in reports.
+        loss: a function with `large_margin`'s keyword signature, returning a
+            scalar tensor or a dict shaped like `large_margin_parts`' result.
+        build_model: ``(arch, weights, dtype=, device=) -> nn.Module``.
+        recipe: training-recipe overrides read by `parity.training`.
+    """
+
+    name: str = "torch_impl"
+    loss: object = torch_impl.large_margin_parts
+    build_model: object = torch_impl.build_model
+    recipe: dict = dataclasses.field(default_factory=dict)
+
+
+def _np(t):
+    return t.detach().cpu().numpy()
+
+
+def _call_loss(port, kwargs):
+    out = port.loss(**kwargs)
+    if isinstance(out, dict):
+        return out
+    return {"loss": out}
+
+
+def forward(port, cfg, weights, x_nhwc, device="cpu"):
+    """Builds the model and runs it; returns ``(model, x, logits, endpoints)``."""
+    dtype = torch_dtype(cfg.dtype)
+    model = port.build_model(cfg.arch, weights, dtype=dtype, device=device)
+    model.train(cfg.training)
+    x = torch.from_numpy(neutral.activation_to_nchw(x_nhwc)).to(device, dtype)
+    x.requires_grad_(True)
+    logits, endpoints = model(x)
+    return model, x, logits, endpoints
+
+
+def quantities(cfg, weights, x_nhwc, labels, port=None, device="cpu"):
+    """Every compared quantity of the PyTorch side, neutral layout, numpy.
+
+    Args:
+        cfg: the `Config`.
+        weights: neutral weight set.
+        x_nhwc: ``[B, H, W, 1]`` inputs.
+        labels: ``[B]`` class indices.
+        port: the `Port` under test; the built-in port if None.
+        device: PyTorch device.
+
+    Returns:
+        A dict of quantity name -> array. Loss internals are present only when
+        the port's loss returns them.
+    """
+    port = port or Port()
+    model, x, logits, endpoints = forward(port, cfg, weights, x_nhwc, device)
+    layers = [x if name == "input" else endpoints[name] for name in cfg.layers]
+    sizes = config_lib.layer_sizes([tuple(t.shape) for t in layers])
+    kwargs = cfg.loss_kwargs(sizes)
+    one_hot = F.one_hot(torch.from_numpy(labels).to(device), logits.shape[1])
+    one_hot = one_hot.to(logits.dtype)
+
+    parts = _call_loss(
+        port, dict(logits=logits, one_hot_labels=one_hot, layers_list=layers, **kwargs)
+    )
+    loss = parts["loss"]
+    params = [(n, p) for n, p in model.named_parameters()]
+    grads = torch.autograd.grad(loss, [x] + [p for _, p in params], allow_unused=True)
+
+    out = {"input": x_nhwc.copy(), "logits": _np(logits)}
+    for name, t in endpoints.items():
+        out[f"activation/{name}"] = neutral.activation_to_neutral(_np(t))
+    if "top_k_index" in parts:
+        out["top_k_index"] = _np(parts["top_k_index"]).astype(np.int64)
+    if "layers" in parts:
+        for name, part in zip(cfg.layers, parts["layers"]):
+            out[f"clip_branch/{name}"] = _np(part["clip_branch"]).astype(np.int64)
+        out["probabilities"] = _np(parts["probabilities"])
+        out["difference"] = _np(parts["difference"])
+        for name, part in zip(cfg.layers, parts["layers"]):
+            grad = neutral.activation_to_neutral(_np(part["gradient"]))
+            for k in range(grad.shape[0]):
+                out[f"gradient/{name}/k{k}"] = grad[k]
+            out[f"grad_norm/{name}"] = _np(part["grad_norm"])
+            out[f"distance/{name}"] = _np(part["distance"])
+            out[f"layer_loss/{name}"] = _np(part["loss"])
+    else:
+        # A plug-in that returns only its loss: each layer's loss from a call
+        # with that layer alone (the total is the mean over layers).
+        for i, name in enumerate(cfg.layers):
+            single = dict(kwargs)
+            if kwargs["layers_weights"] is not None:
+                single["layers_weights"] = [kwargs["layers_weights"][i]]
+            part = _call_loss(
+                port,
+                dict(
+                    logits=logits, one_hot_labels=one_hot, layers_list=[layers[i]], **single
+                ),
+            )
+            out[f"layer_loss/{name}"] = _np(part["loss"])
+    out["loss"] = _np(loss)
+
+    out["loss_gradient/input"] = neutral.activation_to_neutral(_np(grads[0]))
+    by_key = {
+        n: (np.zeros(tuple(p.shape)) if g is None else _np(g))
+        for (n, p), g in zip(params, grads[1:])
+    }
+    for name, g in neutral.torch_to_neutral(cfg.arch, by_key).items():
+        out[f"loss_gradient/{name}"] = g
+    return out

@@ -1,0 +1,317 @@
+"""Large-margin loss (Elsayed et al., 2018), PyTorch port of the TF1 reference.
+
+The reference is the TensorFlow 1 graph code published with the paper; this
+port follows the step-by-step statement of it in REFERENCE.md section 1.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parity import spec
+
+__all__ = ["LargeMarginLoss", "large_margin", "large_margin_parts"]
+
+
+def _check(logits, one_hot_labels, layers_list, top_k, dist_norm, layers_weights):
+    spec.check_layers(layers_list)
+    spec.check_logits(
+        tuple(logits.shape),
+        tuple(one_hot_labels.shape),
+        logits.is_floating_point(),
+        str(logits.dtype),
+    )
+    spec.check_top_k(top_k, logits.shape[1])
+    q = spec.dual_norm_order(dist_norm)
+    weights = spec.check_layers_weights(layers_weights, len(layers_list))
+    for i, layer in enumerate(layers_list):
+        if not layer.requires_grad:
+            raise ValueError(spec.missing_layer_message(i))
+    return q, weights
+
+
+def _top_k(other, top_k):
+    """The K largest values of `other` per row, with the reference's tie rules.
+
+    TensorFlow's `reduce_max` shares the gradient of a tied maximum equally
+    among the tied entries; `torch.amax` does the same, `torch.max(dim=...)`
+    would send it all to one index. For K > 1, TensorFlow's `top_k` puts the
+    lower index first among equal values and routes the gradient to the chosen
+    entries only; a stable descending sort followed by `gather` does the same,
+    whereas `torch.topk` makes no promise about ties.
+
+    Args:
+        other: ``[batch_size, num_classes]`` probabilities, correct class zeroed.
+        top_k: K.
+
+    Returns:
+        A pair: values ``[batch_size, K]`` and their class indices
+        ``[batch_size, K]`` (for K = 1 the lowest tied index).
+    """
+    # The indices are a discrete decision: no gradient flows through them.
+    index = torch.sort(other.detach(), dim=1, descending=True, stable=True)
+    index = index.indices[:, :top_k]
+    if top_k == 1:
+        return other.amax(dim=1, keepdim=True), index
+    return other.gather(1, index), index
+
+
+def _dual_norm(grad, q):
+    """Per-example q-norm of `grad` flattened, ``[batch_size, ...] -> [batch_size]``.
+
+    For q = 2, `torch.linalg.vector_norm` has gradient 0 at the zero vector,
+    where TensorFlow's square-root formula gives NaN. The port keeps PyTorch's
+    0 on purpose; the harness reports the difference as a known divergence
+    (`parity.divergences`).
+    """
+    flat = grad.reshape(grad.shape[0], -1)
+    if q == math.inf:
+        return flat.abs().amax(dim=1)
+    if q == 1:
+        return flat.abs().sum(dim=1)
+    return torch.linalg.vector_norm(flat, ord=2, dim=1)
+
+
+def clip_branch(dist, gamma, alpha_factor):
+    """Which clip of step 11 each distance falls in: -1 lower, 0 none, 1 upper.
+
+    The lower clip is active when `dist < lower` (at equality the gradient
+    goes to `dist`); the upper when `max(dist, lower) >= upper` (the relu's
+    gradient at 0 is 0).
+    """
+    lower = gamma * (1.0 - alpha_factor)
+    branch = torch.zeros_like(dist, dtype=torch.int8)
+    branch[dist < lower] = -1
+    branch[torch.maximum(dist, torch.full_like(dist, lower)) >= gamma] = 1
+    return branch
+
+
+def large_margin_parts(
+    *,
+    logits,
+    one_hot_labels,
+    layers_list,
+    gamma=spec.DEFAULTS["gamma"],
+    alpha_factor=spec.DEFAULTS["alpha_factor"],
+    top_k=spec.DEFAULTS["top_k"],
+    dist_norm=spec.DEFAULTS["dist_norm"],
+    epsilon=spec.DEFAULTS["epsilon"],
+    use_approximation=spec.DEFAULTS["use_approximation"],
+    worst_case_loss=spec.DEFAULTS["worst_case_loss"],
+    layers_weights=spec.DEFAULTS["layers_weights"],
+):
+    """The large-margin loss with every intermediate quantity.
+
+    Same arguments as `large_margin`. The harness compares these parts with
+    the reference's, layer by layer.
+
+    Returns:
+        A dict with ``loss`` (scalar), ``probabilities`` ``[B, C]``,
+        ``difference`` ``[B, K]``, ``top_k_index`` ``[B, K]`` and ``layers``: a
+        list with, per layer, ``gradient`` ``[K, B, ...]``, ``grad_norm``
+        ``[B, K]``, ``distance`` ``[B, K]`` (before the worst-case min),
+        ``clip_branch`` ``[B, K or 1]`` and ``loss`` (scalar).
+    """
+    q, weights = _check(
+        logits, one_hot_labels, layers_list, top_k, dist_norm, layers_weights
+    )
+    labels = one_hot_labels.to(logits.dtype)
+
+    prob = F.softmax(logits, dim=1)
+    correct = (prob * labels).sum(dim=1, keepdim=True)  # [B, 1]
+    # The correct class is zeroed, not removed (step 3).
+    other = prob * (1.0 - labels)  # [B, C]
+    top, top_index = _top_k(other, top_k)  # [B, K]
+    diff = correct - top  # [B, K]
+
+    # One backward pass per k serves every layer. It differentiates the batch
+    # sum (step 6), so cross-example terms through batch norm are kept.
+    # Without create_graph the "exact" mode would silently be the approximate
+    # one: the returned gradients would carry no graph.
+    per_k = []
+    for k in range(top_k):
+        grads = torch.autograd.grad(
+            diff[:, k].sum(),
+            layers_list,
+            retain_graph=True,
+            create_graph=not use_approximation,
+            allow_unused=True,
+        )
+        for i, g in enumerate(grads):
+            if g is None:
+                raise ValueError(spec.missing_layer_message(i))
+        per_k.append(grads)
+
+    layer_parts = []
+    for i, weight in enumerate(weights):
+        grad = torch.stack([grads[i] for grads in per_k])  # [K, B, ...]
+        norm = torch.stack([_dual_norm(g, q) for g in grad], dim=1) / weight
+        if use_approximation:
+            norm = norm.detach()
+        dist = diff / (norm + epsilon)  # [B, K]; epsilon added, not a floor
+        clipped = dist.amin(dim=1, keepdim=True) if worst_case_loss else dist
+        lower = gamma * (1.0 - alpha_factor)
+        v = clipped + F.relu(lower - clipped)
+        loss_b = F.relu(gamma - v) - gamma  # [B, K or 1]
+        layer_parts.append(
+            {
+                "gradient": grad,
+                "grad_norm": norm,
+                "distance": dist,
+                "clip_branch": clip_branch(clipped.detach(), gamma, alpha_factor),
+                "loss": loss_b.sum(dim=1).mean(),
+            }
+        )
+
+    loss = torch.stack([p["loss"] for p in layer_parts]).mean()
+    return {
+        "loss": loss,
+        "probabilities": prob,
+        "difference": diff,
+        "top_k_index": top_index,
+        "layers": layer_parts,
+    }
+
+
+def large_margin(
+    *,
+    logits,
+    one_hot_labels,
+    layers_list,
+    gamma=spec.DEFAULTS["gamma"],
+    alpha_factor=spec.DEFAULTS["alpha_factor"],
+    top_k=spec.DEFAULTS["top_k"],
+    dist_norm=spec.DEFAULTS["dist_norm"],
+    epsilon=spec.DEFAULTS["epsilon"],
+    use_approximation=spec.DEFAULTS["use_approximation"],
+    worst_case_loss=spec.DEFAULTS["worst_case_loss"],
+    layers_weights=spec.DEFAULTS["layers_weights"],
+):
+    """Large-margin loss of Elsayed et al., as the TF1 reference computes it.
+
+    For each layer ``h_l`` the distance of each example to the decision
+    boundary is estimated to first order from the gradient of a probability
+    difference, and the loss pushes that distance towards ``gamma``.
+
+    Formula:
+
+        p = softmax(logits)
+        diff[b, k] = p[b, y_b] - topk_k(p[b] * (1 - y[b]))
+        G_lk = d(sum_b diff[b, k]) / d h_l
+        dist[b, k] = diff[b, k] / (||G_lk[b]||_q / w_l + epsilon)
+        loss_l = mean_b sum_k (relu(gamma - max(dist, gamma (1 - alpha)))
+                               - gamma)
+        loss = mean_l loss_l
+
+    where ``q`` is the dual of ``dist_norm`` and ``dist`` is first reduced by a
+    min over k when `worst_case_loss`. The value lies in
+    ``[-gamma, gamma * (alpha_factor - 1)]``.
+
+    Warning:
+        TensorFlow and PyTorch differ in three places this function handles:
+        tie rules of the top-k selection (see `_top_k`), the gradient of the
+        2-norm at zero (see `_dual_norm`), and second-order terms, which need
+        ``create_graph=True`` in PyTorch.
+
+    Args:
+        logits: ``[batch_size, num_classes]`` floating-point logits.
+        one_hot_labels: ``[batch_size, num_classes]`` one-hot labels.
+        layers_list: tensors the logits depend on through autograd.
+        gamma: the desired margin; the loss's upper clip.
+        alpha_factor: the lower clip is ``gamma * (1 - alpha_factor)``.
+        top_k: K, the number of competing classes.
+        dist_norm: 1, 2 or inf, the norm of the distance.
+        epsilon: added to the gradient norm before dividing.
+        use_approximation: if True, the gradient norm is a constant to the
+            outer gradient; if False, second-order terms flow through it.
+        worst_case_loss: if True, only the smallest distance over k counts.
+        layers_weights: one positive weight per layer dividing its gradient
+            norm; all 1 if None.
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: if `dist_norm` is not 1, 2 or inf.
+        ValueError: if `top_k` is outside ``1..num_classes``.
+        ValueError: if `layers_weights` has the wrong length or a zero,
+            negative or non-finite entry.
+        ValueError: if `logits` is not 2-D or `one_hot_labels` differs in shape.
+        ValueError: if `layers_list` is empty or the logits do not depend on
+            one of its layers (named by index).
+        TypeError: if `logits` is not floating point or `top_k` not an integer.
+
+    References:
+        Elsayed, Krishnan, Mobahi, Regan and Bengio, "Large Margin Deep
+        Networks for Classification", NeurIPS 2018, arXiv:1803.05598.
+    """
+    return large_margin_parts(
+        logits=logits,
+        one_hot_labels=one_hot_labels,
+        layers_list=layers_list,
+        gamma=gamma,
+        alpha_factor=alpha_factor,
+        top_k=top_k,
+        dist_norm=dist_norm,
+        epsilon=epsilon,
+        use_approximation=use_approximation,
+        worst_case_loss=worst_case_loss,
+        layers_weights=layers_weights,
+    )["loss"]
+
+
+class LargeMarginLoss(nn.Module):
+    """The large-margin loss as a module, with class-index or one-hot targets.
+
+    Hyperparameters are those of `large_margin` and fixed at construction.
+    Call it as ``loss_fn(logits, target, layers_list)``.
+
+    Args:
+        **hyperparameters: keyword arguments of `large_margin` other than the
+            tensors.
+
+    Raises:
+        TypeError: if a hyperparameter is not one of `large_margin`'s.
+    """
+
+    def __init__(self, **hyperparameters):
+        super().__init__()
+        unknown = sorted(set(hyperparameters) - set(spec.DEFAULTS))
+        if unknown:
+            raise TypeError(
+                f"LargeMarginLoss got unknown hyperparameters. Received: {unknown}"
+            )
+        self.hyperparameters = {**spec.DEFAULTS, **hyperparameters}
+
+    def forward(self, logits, target, layers_list):
+        """Returns the scalar loss.
+
+        Args:
+            logits: ``[batch_size, num_classes]``.
+            target: class indices ``[batch_size]`` or one-hot labels
+                ``[batch_size, num_classes]``.
+            layers_list: tensors the logits depend on.
+
+        Raises:
+            ValueError: if class indices are outside ``0..num_classes-1``.
+        """
+        if target.dim() == 1 and not target.is_floating_point():
+            num_classes = logits.shape[-1]
+            if target.numel() and (target.min() < 0 or target.max() >= num_classes):
+                raise ValueError(
+                    f"class indices must be in 0..{num_classes - 1}. Received: "
+                    f"target.min()={int(target.min())}, "
+                    f"target.max()={int(target.max())}"
+                )
+            target = F.one_hot(target, num_classes).to(logits.dtype)
+        return large_margin(
+            logits=logits,
+            one_hot_labels=target,
+            layers_list=layers_list,
+            **self.hyperparameters,
+        )
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v}" for k, v in self.hyperparameters.items())
