@@ -14,7 +14,19 @@ from parity import spec
 __all__ = ["large_margin", "large_margin_parts"]
 
 
+def _static_shape(tensor):
+    # A list of ints and Nones, or None when even the rank is unknown.
+    shape = tensor.shape
+    return None if shape.rank is None else tuple(shape.as_list())
+
+
 def _check(logits, one_hot_labels, layers_list, top_k, dist_norm, layers_weights):
+    """Checks the arguments; returns them as tensors, the dual order, the weights.
+
+    The messages are `parity.spec`'s, shared with the PyTorch port. Only the
+    static shapes are checked: a dimension unknown when the graph is built
+    matches any size.
+    """
     if tf.executing_eagerly():
         raise RuntimeError(
             "large_margin differentiates the logits with respect to the layers "
@@ -24,13 +36,14 @@ def _check(logits, one_hot_labels, layers_list, top_k, dist_norm, layers_weights
     spec.check_layers(layers_list)
     logits = tf.convert_to_tensor(logits)
     one_hot_labels = tf.convert_to_tensor(one_hot_labels)
+    logits_shape = _static_shape(logits)
     spec.check_logits(
-        tuple(logits.shape.as_list()),
-        tuple(one_hot_labels.shape.as_list()),
+        logits_shape,
+        _static_shape(one_hot_labels),
         logits.dtype.is_floating,
         logits.dtype.name,
     )
-    spec.check_top_k(top_k, logits.shape[1])
+    spec.check_top_k(top_k, logits_shape[1])
     q = spec.dual_norm_order(dist_norm)
     weights = spec.check_layers_weights(layers_weights, len(layers_list))
     return logits, one_hot_labels, q, weights
@@ -183,6 +196,8 @@ def large_margin(
         ValueError: if `layers_list` is empty or the logits do not depend on
             one of its layers (named by index).
         TypeError: if `logits` is not floating point or `top_k` not an integer.
+        TypeError: if `layers_list` is not a list or tuple, or
+            `layers_weights` not a sequence of numbers.
 
     References:
         Elsayed, Krishnan, Mobahi, Regan and Bengio, "Large Margin Deep

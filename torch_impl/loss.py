@@ -15,20 +15,55 @@ from parity import spec
 __all__ = ["LargeMarginLoss", "large_margin", "large_margin_parts"]
 
 
+def _dtype_name(dtype):
+    # "torch.int64" -> "int64", TensorFlow's spelling, so both messages agree.
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_tensor(name, value):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"`{name}` must be a torch.Tensor. "
+            f"Received: {name} of type {type(value).__name__}"
+        )
+
+
 def _check(logits, one_hot_labels, layers_list, top_k, dist_norm, layers_weights):
+    """Checks the arguments; returns the dual norm order and the layer weights.
+
+    The messages are `parity.spec`'s, shared with the TensorFlow reference,
+    except two that only PyTorch can meet: an argument that is not a tensor,
+    and a layer that does not require grad.
+    """
     spec.check_layers(layers_list)
+    _check_tensor("logits", logits)
+    _check_tensor("one_hot_labels", one_hot_labels)
     spec.check_logits(
         tuple(logits.shape),
         tuple(one_hot_labels.shape),
         logits.is_floating_point(),
-        str(logits.dtype),
+        _dtype_name(logits.dtype),
     )
     spec.check_top_k(top_k, logits.shape[1])
     q = spec.dual_norm_order(dist_norm)
     weights = spec.check_layers_weights(layers_weights, len(layers_list))
     for i, layer in enumerate(layers_list):
+        _check_tensor(f"layers_list[{i}]", layer)
         if not layer.requires_grad:
-            raise ValueError(spec.missing_layer_message(i))
+            # Autograd records nothing about such a tensor, so it cannot tell
+            # whether the logits depend on it. The usual cause is an input
+            # whose requires_grad was not set before the forward pass.
+            raise ValueError(
+                f"`layers_list[{i}]` does not require grad, so autograd cannot "
+                "differentiate the logits with respect to it; call "
+                "requires_grad_() on it before the forward pass. Received: "
+                f"layers_list[{i}].requires_grad=False"
+            )
+    if not logits.requires_grad:
+        # No layer can be upstream of logits that carry no graph (computed
+        # under no_grad or from detached tensors); autograd.grad would fail
+        # with a message naming none of them.
+        raise ValueError(spec.missing_layer_message(0))
     return q, weights
 
 
@@ -241,7 +276,11 @@ def large_margin(
         ValueError: if `logits` is not 2-D or `one_hot_labels` differs in shape.
         ValueError: if `layers_list` is empty or the logits do not depend on
             one of its layers (named by index).
+        ValueError: if a layer does not require grad.
         TypeError: if `logits` is not floating point or `top_k` not an integer.
+        TypeError: if `layers_list` is not a list or tuple, or
+            `layers_weights` not a sequence of numbers.
+        TypeError: if `logits`, `one_hot_labels` or a layer is not a tensor.
 
     References:
         Elsayed, Krishnan, Mobahi, Regan and Bengio, "Large Margin Deep
@@ -262,11 +301,41 @@ def large_margin(
     )["loss"]
 
 
+def _one_hot(logits, target):
+    """One-hot labels ``[batch_size, num_classes]`` from class indices ``[B]``."""
+    _check_tensor("logits", logits)
+    # The logits alone: their labels are checked here, as class indices.
+    shape = tuple(logits.shape)
+    spec.check_logits(
+        shape, shape, logits.is_floating_point(), _dtype_name(logits.dtype)
+    )
+    batch_size, num_classes = shape
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            "`target` of shape [batch_size] must hold integer class indices. "
+            f"Received: target.dtype={_dtype_name(target.dtype)}"
+        )
+    if target.shape[0] != batch_size:
+        raise ValueError(
+            f"`target` must hold one class index per example ({batch_size}). "
+            f"Received: target.shape={tuple(target.shape)}"
+        )
+    bad = ((target < 0) | (target >= num_classes)).nonzero()
+    if len(bad):
+        i = int(bad[0, 0])
+        raise ValueError(
+            f"`target` class indices must be in 0..{num_classes - 1}. "
+            f"Received: target[{i}]={int(target[i])}"
+        )
+    return F.one_hot(target.long(), num_classes).to(logits.dtype)
+
+
 class LargeMarginLoss(nn.Module):
     """The large-margin loss as a module, with class-index or one-hot targets.
 
     Hyperparameters are those of `large_margin` and fixed at construction.
-    Call it as ``loss_fn(logits, target, layers_list)``.
+    Call it as ``loss_fn(logits, target, layers_list)``. The TensorFlow
+    reference has no such wrapper: it takes one-hot labels only.
 
     Args:
         **hyperparameters: keyword arguments of `large_margin` other than the
@@ -274,38 +343,42 @@ class LargeMarginLoss(nn.Module):
 
     Raises:
         TypeError: if a hyperparameter is not one of `large_margin`'s.
+        ValueError: if `dist_norm` is not 1, 2 or inf, or `top_k` below 1.
+        TypeError: if `top_k` is not an integer.
     """
 
     def __init__(self, **hyperparameters):
         super().__init__()
         unknown = sorted(set(hyperparameters) - set(spec.DEFAULTS))
         if unknown:
+            received = ", ".join(f"{k}={hyperparameters[k]!r}" for k in unknown)
             raise TypeError(
-                f"LargeMarginLoss got unknown hyperparameters. Received: {unknown}"
+                "LargeMarginLoss takes only the hyperparameters of large_margin "
+                f"({', '.join(spec.DEFAULTS)}). Received: {received}"
             )
         self.hyperparameters = {**spec.DEFAULTS, **hyperparameters}
+        # What can be checked without the logits is checked now.
+        spec.check_dist_norm(self.hyperparameters["dist_norm"])
+        spec.check_top_k(self.hyperparameters["top_k"], None)
 
     def forward(self, logits, target, layers_list):
         """Returns the scalar loss.
 
         Args:
             logits: ``[batch_size, num_classes]``.
-            target: class indices ``[batch_size]`` or one-hot labels
-                ``[batch_size, num_classes]``.
+            target: class indices ``[batch_size]`` (an integer tensor) or
+                one-hot labels ``[batch_size, num_classes]``.
             layers_list: tensors the logits depend on.
 
         Raises:
-            ValueError: if class indices are outside ``0..num_classes-1``.
+            TypeError: if a 1-D `target` is not an integer tensor.
+            ValueError: if class indices are not one per example, or outside
+                ``0..num_classes-1``.
+            ValueError: for the arguments `large_margin` rejects.
         """
-        if target.dim() == 1 and not target.is_floating_point():
-            num_classes = logits.shape[-1]
-            if target.numel() and (target.min() < 0 or target.max() >= num_classes):
-                raise ValueError(
-                    f"class indices must be in 0..{num_classes - 1}. Received: "
-                    f"target.min()={int(target.min())}, "
-                    f"target.max()={int(target.max())}"
-                )
-            target = F.one_hot(target, num_classes).to(logits.dtype)
+        _check_tensor("target", target)
+        if target.dim() == 1:
+            target = _one_hot(logits, target)
         return large_margin(
             logits=logits,
             one_hot_labels=target,
