@@ -74,13 +74,23 @@ def _mismatch_message(row, expected_side, actual_side):
     )
 
 
-def _nonfinite_message(key, side, array):
+def _nonfinite_part(side, array):
     bad = np.argwhere(~np.isfinite(array))
-    first = tuple(int(i) for i in bad[0]) if len(bad) else ()
+    first = tuple(int(i) for i in bad[0])
     return (
-        f"{key}: {len(bad)} non-finite value(s) on the {side} side, first at "
+        f"{len(bad)} non-finite value(s) on the {side} side, first at "
         f"index {first} ({array[first] if array.ndim else array})"
     )
+
+
+def _nonfinite_message(key, sides):
+    """Names every side with a NaN or inf, the reference side first.
+
+    Args:
+        key: the quantity.
+        sides: ``(side name, array)`` pairs, each with a non-finite value.
+    """
+    return f"{key}: " + "; ".join(_nonfinite_part(s, a) for s, a in sides)
 
 
 def compare_arrays(
@@ -133,12 +143,17 @@ def compare_arrays(
 
     floating = np.issubdtype(expected.dtype, np.floating)
     if floating:
-        for side, array in ((expected_side, expected), (actual_side, actual)):
-            if not np.isfinite(array).all():
-                row.status = FAIL
-                row.message = _nonfinite_message(key, side, array)
-                row.mismatched = int((~np.isfinite(array)).sum())
-                return row
+        sides = [
+            (side, array)
+            for side, array in ((expected_side, expected), (actual_side, actual))
+            if not np.isfinite(array).all()
+        ]
+        if sides:
+            row.status = FAIL
+            row.message = _nonfinite_message(key, sides)
+            # Elements non-finite on either side.
+            row.mismatched = int((~(np.isfinite(actual) & np.isfinite(expected))).sum())
+            return row
     if row.total == 0:
         return row
 
