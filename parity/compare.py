@@ -211,7 +211,7 @@ def compare_all(
         `actual`.
     """
     rows = []
-    for key in expected:
+    for key in _data_flow_order(expected):
         a = actual.get(key)
         if a is None and skip_missing_internals and _is_internal(key):
             rows.append(
@@ -237,7 +237,9 @@ def compare_all(
             record = divergences_lib.explain(divergences, config, key, a, expected[key])
             if record is not None:
                 row.status = KNOWN
-                row.message = f"{row.message} [known divergence {record.name}: {record.what}]"
+                row.message = (
+                    f"{row.message} [known divergence {record.name}: {record.what}]"
+                )
         rows.append(row)
     for key in actual:
         if key not in expected:
@@ -250,6 +252,20 @@ def compare_all(
                 )
             )
     return rows
+
+
+def _data_flow_order(keys):
+    """`keys` with ``logits`` moved after the ``activation/`` rows it is made from.
+
+    Both lanes list the logits first; a fault in a layer must be blamed on
+    that layer's activation, not on the logits downstream of it.
+    """
+    keys = list(keys)
+    activations = [i for i, k in enumerate(keys) if k.startswith("activation/")]
+    if "logits" in keys and activations:
+        keys.remove("logits")
+        keys.insert(activations[-1], "logits")
+    return keys
 
 
 _INTERNALS = (

@@ -50,10 +50,13 @@ class Config:
             )
         if self.dtype not in ("float64", "float32"):
             raise ValueError(
-                f"`dtype` must be 'float64' or 'float32'. Received: dtype={self.dtype!r}"
+                "`dtype` must be 'float64' or 'float32'. "
+                f"Received: dtype={self.dtype!r}"
             )
         if not self.layers:
-            raise ValueError(f"`layers` must not be empty. Received: layers={self.layers!r}")
+            raise ValueError(
+                f"`layers` must not be empty. Received: layers={self.layers!r}"
+            )
         if isinstance(self.batch_size, bool) or self.batch_size < 1:
             raise ValueError(
                 f"`batch_size` must be a positive integer. "

@@ -82,8 +82,12 @@ def _read_idx(path, ndim):
 
 
 def _find(data_dir, stem):
-    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"),
-                 stem.replace("-idx", ".idx") + ".gz"):
+    for name in (
+        stem,
+        stem + ".gz",
+        stem.replace("-idx", ".idx"),
+        stem.replace("-idx", ".idx") + ".gz",
+    ):
         path = os.path.join(data_dir, name)
         if os.path.isfile(path):
             return path

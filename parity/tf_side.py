@@ -10,6 +10,9 @@ import tensorflow as tf
 import tf_impl
 from parity import config as config_lib
 
+# One tf.function per check: retracing is expected, its warning is noise.
+tf.get_logger().setLevel("ERROR")
+
 __all__ = ["quantities", "tf_dtype"]
 
 
@@ -17,11 +20,24 @@ def tf_dtype(name):
     return {"float64": tf.float64, "float32": tf.float32}[name]
 
 
+ERROR_KEY = "__error__"
+
+
 def _call_loss(loss_fn, kwargs):
-    out = loss_fn(**kwargs)
-    if isinstance(out, dict):
-        return out
-    return {"loss": out}
+    try:
+        out = loss_fn(**kwargs)
+    except Exception as e:  # a plug-in may fail in any way
+        raise RuntimeError(f"the TensorFlow loss raised {type(e).__name__}: {e}") from e
+    parts = out if isinstance(out, dict) else {"loss": out}
+    loss = parts.get("loss")
+    if not isinstance(loss, tf.Tensor) or loss.shape.rank != 0:
+        shape = (
+            loss.shape.as_list() if isinstance(loss, tf.Tensor) else type(loss).__name__
+        )
+        raise RuntimeError(
+            f"the TensorFlow loss must return a scalar tensor. Received: {shape}"
+        )
+    return parts
 
 
 def quantities(cfg, weights, x_nhwc, labels, loss_fn=None):
@@ -52,7 +68,8 @@ def quantities(cfg, weights, x_nhwc, labels, loss_fn=None):
         kwargs = cfg.loss_kwargs(sizes)
         one_hot = tf.one_hot(y, logits.shape[1], dtype=logits.dtype)
         parts = _call_loss(
-            loss_fn, dict(logits=logits, one_hot_labels=one_hot, layers_list=layers, **kwargs)
+            loss_fn,
+            dict(logits=logits, one_hot_labels=one_hot, layers_list=layers, **kwargs),
         )
         if "layers" not in parts:
             single_losses = []
@@ -73,13 +90,23 @@ def quantities(cfg, weights, x_nhwc, labels, loss_fn=None):
                 )
             parts["single_losses"] = single_losses
         grads = tf.gradients(parts["loss"], [x] + model.trainable)
-        grads = [tf.zeros_like(v) if g is None else g for g, v in
-                 zip(grads, [x] + model.trainable)]
+        grads = [
+            tf.zeros_like(v) if g is None else g
+            for g, v in zip(grads, [x] + model.trainable, strict=True)
+        ]
         return logits, endpoints, parts, grads
 
     x = tf.constant(x_nhwc, dtype)
     y = tf.constant(labels, tf.int64)
-    logits, endpoints, parts, grads = compute(x, y)
+    try:
+        logits, endpoints, parts, grads = compute(x, y)
+    except RuntimeError as e:
+        logits, endpoints = model(x, training=cfg.training)
+        out = {"input": np.array(x_nhwc), "logits": logits.numpy()}
+        for name, t in endpoints.items():
+            out[f"activation/{name}"] = t.numpy()
+        out[ERROR_KEY] = str(e)
+        return out
 
     out = {"input": np.array(x_nhwc), "logits": logits.numpy()}
     for name, t in endpoints.items():
@@ -87,11 +114,11 @@ def quantities(cfg, weights, x_nhwc, labels, loss_fn=None):
     if "top_k_index" in parts:
         out["top_k_index"] = parts["top_k_index"].numpy().astype(np.int64)
     if "layers" in parts:
-        for name, part in zip(cfg.layers, parts["layers"]):
+        for name, part in zip(cfg.layers, parts["layers"], strict=True):
             out[f"clip_branch/{name}"] = part["clip_branch"].numpy().astype(np.int64)
         out["probabilities"] = parts["probabilities"].numpy()
         out["difference"] = parts["difference"].numpy()
-        for name, part in zip(cfg.layers, parts["layers"]):
+        for name, part in zip(cfg.layers, parts["layers"], strict=True):
             grad = part["gradient"].numpy()
             for k in range(grad.shape[0]):
                 out[f"gradient/{name}/k{k}"] = grad[k]
@@ -99,10 +126,10 @@ def quantities(cfg, weights, x_nhwc, labels, loss_fn=None):
             out[f"distance/{name}"] = part["distance"].numpy()
             out[f"layer_loss/{name}"] = part["loss"].numpy()
     else:
-        for name, single in zip(cfg.layers, parts["single_losses"]):
+        for name, single in zip(cfg.layers, parts["single_losses"], strict=True):
             out[f"layer_loss/{name}"] = single.numpy()
     out["loss"] = parts["loss"].numpy()
     out["loss_gradient/input"] = grads[0].numpy()
-    for name, g in zip(names, grads[1:]):
+    for name, g in zip(names, grads[1:], strict=True):
         out[f"loss_gradient/{name}"] = g.numpy()
     return out

@@ -14,7 +14,11 @@ import torch_impl
 from parity import config as config_lib
 from parity import weights as neutral
 
-__all__ = ["Port", "quantities", "torch_dtype"]
+__all__ = ["LossCallError", "Port", "quantities", "torch_dtype"]
+
+
+# Key of the error message when the loss could not be computed.
+ERROR_KEY = "__error__"
 
 
 def torch_dtype(name):
@@ -30,7 +34,25 @@ class Port:
         loss: a function with `large_margin`'s keyword signature, returning a
             scalar tensor or a dict shaped like `large_margin_parts`' result.
         build_model: ``(arch, weights, dtype=, device=) -> nn.Module``.
-        recipe: training-recipe overrides read by `parity.training`.
+        recipe: training-recipe overrides read by `parity.training` (passed
+            to `torch_impl.train.Trainer`); an empty dict is the reference
+            recipe. Keys:
+
+            - ``"optimizer"``: ``(params, lr, recipe) -> torch.optim.Optimizer``;
+              default `torch_impl.optim.TF1RMSProp` with the recipe's decay,
+              momentum and epsilon. Slots are compared under TF1's names
+              ``"rms"`` and ``"momentum"``.
+            - ``"l2"``: ``"all"`` (default: the L2 term over every trainable
+              variable, in the loss, clipped with it), ``"weights_only"``
+              (kernels only) or ``"weight_decay"`` (no term in the loss;
+              ``l2_weight * v`` added to each gradient after clipping).
+            - ``"lr_schedule"``: ``(step, recipe) -> lr`` for the update
+              numbered `step` from 0, set on the optimizer before it; default
+              the staircase as a `LambdaLR` stepped once per update.
+            - ``"clip"``: ``(grads, clip_norm) -> grads``; default
+              `torch_impl.train.clip_by_global_norm`, TensorFlow's rule.
+
+            Batch-norm momentum faults belong to `build_model`, not here.
     """
 
     name: str = "torch_impl"
@@ -43,11 +65,27 @@ def _np(t):
     return t.detach().cpu().numpy()
 
 
+class LossCallError(RuntimeError):
+    """The port's loss raised or returned something that is not a scalar loss."""
+
+
 def _call_loss(port, kwargs):
-    out = port.loss(**kwargs)
-    if isinstance(out, dict):
-        return out
-    return {"loss": out}
+    try:
+        out = port.loss(**kwargs)
+    except Exception as e:  # a port under test may fail in any way
+        raise LossCallError(
+            f"the {port.name} loss raised {type(e).__name__}: {e}"
+        ) from e
+    parts = out if isinstance(out, dict) else {"loss": out}
+    loss = parts.get("loss")
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = (
+            tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        )
+        raise LossCallError(
+            f"the {port.name} loss must return a scalar tensor. Received: {shape}"
+        )
+    return parts
 
 
 def forward(port, cfg, weights, x_nhwc, device="cpu"):
@@ -84,24 +122,34 @@ def quantities(cfg, weights, x_nhwc, labels, port=None, device="cpu"):
     one_hot = F.one_hot(torch.from_numpy(labels).to(device), logits.shape[1])
     one_hot = one_hot.to(logits.dtype)
 
-    parts = _call_loss(
-        port, dict(logits=logits, one_hot_labels=one_hot, layers_list=layers, **kwargs)
-    )
-    loss = parts["loss"]
-    params = [(n, p) for n, p in model.named_parameters()]
-    grads = torch.autograd.grad(loss, [x] + [p for _, p in params], allow_unused=True)
-
     out = {"input": x_nhwc.copy(), "logits": _np(logits)}
     for name, t in endpoints.items():
         out[f"activation/{name}"] = neutral.activation_to_neutral(_np(t))
+    try:
+        parts = _call_loss(
+            port,
+            dict(logits=logits, one_hot_labels=one_hot, layers_list=layers, **kwargs),
+        )
+        loss = parts["loss"]
+        params = [(n, p) for n, p in model.named_parameters()]
+        # Gradients are read as a training loop reads them, from .grad after
+        # backward(): a loss that itself writes into the parameters' .grad
+        # (per-class gradients taken with .backward()) shows in loss_gradient.
+        inputs = [x] + [p for _, p in params]
+        loss.backward(inputs=inputs)
+        grads = [t.grad for t in inputs]
+    except (LossCallError, RuntimeError) as e:
+        # The forward rows can still be compared; the loss rows cannot.
+        out[ERROR_KEY] = str(e)
+        return out
     if "top_k_index" in parts:
         out["top_k_index"] = _np(parts["top_k_index"]).astype(np.int64)
     if "layers" in parts:
-        for name, part in zip(cfg.layers, parts["layers"]):
+        for name, part in zip(cfg.layers, parts["layers"], strict=True):
             out[f"clip_branch/{name}"] = _np(part["clip_branch"]).astype(np.int64)
         out["probabilities"] = _np(parts["probabilities"])
         out["difference"] = _np(parts["difference"])
-        for name, part in zip(cfg.layers, parts["layers"]):
+        for name, part in zip(cfg.layers, parts["layers"], strict=True):
             grad = neutral.activation_to_neutral(_np(part["gradient"]))
             for k in range(grad.shape[0]):
                 out[f"gradient/{name}/k{k}"] = grad[k]
@@ -118,7 +166,10 @@ def quantities(cfg, weights, x_nhwc, labels, port=None, device="cpu"):
             part = _call_loss(
                 port,
                 dict(
-                    logits=logits, one_hot_labels=one_hot, layers_list=[layers[i]], **single
+                    logits=logits,
+                    one_hot_labels=one_hot,
+                    layers_list=[layers[i]],
+                    **single,
                 ),
             )
             out[f"layer_loss/{name}"] = _np(part["loss"])
@@ -127,7 +178,7 @@ def quantities(cfg, weights, x_nhwc, labels, port=None, device="cpu"):
     out["loss_gradient/input"] = neutral.activation_to_neutral(_np(grads[0]))
     by_key = {
         n: (np.zeros(tuple(p.shape)) if g is None else _np(g))
-        for (n, p), g in zip(params, grads[1:])
+        for (n, p), g in zip(params, grads[1:], strict=True)
     }
     for name, g in neutral.torch_to_neutral(cfg.arch, by_key).items():
         out[f"loss_gradient/{name}"] = g

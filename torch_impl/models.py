@@ -26,9 +26,7 @@ class _ConvBlock(nn.Module):
     def __init__(self, in_channels, filters):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, filters, 5, padding=2, bias=False)
-        self.batch_norm = nn.BatchNorm2d(
-            filters, eps=BN_EPSILON, momentum=BN_MOMENTUM
-        )
+        self.batch_norm = nn.BatchNorm2d(filters, eps=BN_EPSILON, momentum=BN_MOMENTUM)
 
     def forward(self, x):
         # The reference applies ReLU twice; the second is a no-op.
@@ -118,7 +116,8 @@ def build_model(arch, weights, *, dtype=torch.float64, device="cpu", input_size=
     # Cast before loading: load_state_dict copies into the existing dtype.
     model = model.to(device=device, dtype=dtype)
     state = {
-        k: torch.from_numpy(v) for k, v in neutral.neutral_to_torch(arch, weights).items()
+        k: torch.from_numpy(v)
+        for k, v in neutral.neutral_to_torch(arch, weights).items()
     }
     missing = set(model.state_dict()) - set(state)
     # num_batches_tracked is PyTorch bookkeeping with no reference counterpart.

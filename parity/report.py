@@ -1,0 +1,177 @@
+"""Reports of compared rows: terminal table, versioned JSON, JUnit XML.
+
+JSON schema (``schema_version`` 1)::
+
+    {
+      "schema_version": 1,
+      "passed": bool,              # no row FAIL
+      "first_failure": row | null, # the place the two programs part
+      "counts": {"PASS": n, "FAIL": n, "KNOWN": n, "SKIP": n},
+      "config": {...},             # parity.config.Config.to_dict(), or a list
+      "versions": {"python":, "numpy":, "torch":, "tensorflow":, "parity":},
+      "tolerances": {dtype: {class: {"rtol":, "atol":}}},
+      "rows": [row, ...],          # parity.compare.Row.to_dict()
+      ...                          # extra sections (training, sweep, ...)
+    }
+"""
+
+import collections
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+
+from parity import __version__, tolerances
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "atomic_write",
+    "exit_code",
+    "format_table",
+    "summary",
+    "versions",
+    "write_json",
+    "write_junit",
+]
+
+SCHEMA_VERSION = 1
+
+
+def _fmt_index(index):
+    return "(" + ",".join(str(i) for i in index) + ")" if index else "()"
+
+
+def format_table(rows, *, title=None):
+    """The rows as a fixed-width text table, one line per row."""
+    lines = []
+    if title:
+        lines.append(title)
+    header = (
+        f"{'quantity':<44} {'shape':<16} {'max abs':>10} {'at':<14} "
+        f"{'max rel':>10} {'at':<14} {'rtol':>7} {'atol':>7} status"
+    )
+    lines.append(header)
+    lines.append("-" * len(header))
+    for r in rows:
+        shape = "x".join(str(s) for s in r.shape) or "scalar"
+        lines.append(
+            f"{r.key:<44} {shape:<16} {r.max_abs:>10.3g} "
+            f"{_fmt_index(r.abs_index):<14} {r.max_rel:>10.3g} "
+            f"{_fmt_index(r.rel_index):<14} {r.rtol:>7.0e} {r.atol:>7.0e} {r.status}"
+        )
+        if r.status in ("FAIL", "KNOWN") and r.message:
+            lines.append(f"    {r.message}")
+    return "\n".join(lines)
+
+
+def summary(rows):
+    """One paragraph: counts, and the first failing row as the parting place."""
+    counts = collections.Counter(r.status for r in rows)
+    text = ", ".join(
+        f"{counts.get(s, 0)} {s}" for s in ("PASS", "FAIL", "KNOWN", "SKIP")
+    )
+    first = next((r for r in rows if r.failed), None)
+    if first is None:
+        return f"rows {len(rows)}: {text}. result PASS"
+    return (
+        f"rows {len(rows)}: {text}. result FAIL. The two programs part first "
+        f"at {first.key}: {first.message}"
+    )
+
+
+def exit_code(rows):
+    """0 when no row failed, 1 otherwise."""
+    return 1 if any(r.failed for r in rows) else 0
+
+
+def versions():
+    """Versions of the frameworks that are imported in this process."""
+    out = {"python": platform.python_version(), "parity": __version__}
+    for name in ("numpy", "torch", "tensorflow", "onnx", "onnxruntime"):
+        module = sys.modules.get(name)
+        if module is not None:
+            out[name] = getattr(module, "__version__", "unknown")
+    return out
+
+
+def atomic_write(path, data, mode="w"):
+    """Writes `data` to `path` through a temporary file and a rename.
+
+    An interrupted write leaves any previous file at `path` intact.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        dir=folder, prefix=".tmp-", suffix=os.path.basename(path)
+    )
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _tolerance_table():
+    return {
+        dtype: {cls: dataclasses.asdict(t) for cls, t in table.items()}
+        for dtype, table in tolerances.TOLERANCES.items()
+    }
+
+
+def to_document(rows, *, config=None, extra=None):
+    """The JSON document of the schema above, as a dict."""
+    first = next((r for r in rows if r.failed), None)
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "passed": not any(r.failed for r in rows),
+        "first_failure": first.to_dict() if first else None,
+        "counts": dict(collections.Counter(r.status for r in rows)),
+        "config": config,
+        "versions": versions(),
+        "tolerances": _tolerance_table(),
+        "rows": [r.to_dict() for r in rows],
+    }
+    if extra:
+        doc.update(extra)
+    return doc
+
+
+def _json_default(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"cannot write to JSON. Received: {type(value).__name__}")
+
+
+def write_json(path, *, rows, config=None, extra=None):
+    """Writes the JSON report to `path` atomically."""
+    doc = to_document(rows, config=config, extra=extra)
+    atomic_write(path, json.dumps(doc, indent=2, default=_json_default) + "\n")
+
+
+def write_junit(path, rows, name="parity"):
+    """Writes JUnit XML, one test case per row, atomically."""
+    failures = sum(r.failed for r in rows)
+    skipped = sum(r.status in ("SKIP", "KNOWN") for r in rows)
+    suite = ET.Element(
+        "testsuite",
+        name=name,
+        tests=str(len(rows)),
+        failures=str(failures),
+        skipped=str(skipped),
+    )
+    for r in rows:
+        case = ET.SubElement(suite, "testcase", classname=name, name=r.key)
+        if r.failed:
+            ET.SubElement(case, "failure", message=r.message[:200]).text = r.message
+        elif r.status in ("SKIP", "KNOWN"):
+            ET.SubElement(case, "skipped", message=r.message[:200] or r.status)
+    data = ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode")
+    atomic_write(path, '<?xml version="1.0" encoding="utf-8"?>\n' + data + "\n")
