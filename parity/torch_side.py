@@ -136,7 +136,8 @@ def quantities(cfg, weights, x_nhwc, labels, port=None, device="cpu"):
         # backward(): a loss that itself writes into the parameters' .grad
         # (per-class gradients taken with .backward()) shows in loss_gradient.
         inputs = [x] + [p for _, p in params]
-        loss.backward(inputs=inputs)
+        # retain_graph: a plug-in's per-layer losses are computed below.
+        loss.backward(inputs=inputs, retain_graph=True)
         grads = [t.grad for t in inputs]
     except (LossCallError, RuntimeError) as e:
         # The forward rows can still be compared; the loss rows cannot.
