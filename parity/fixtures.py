@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -65,6 +66,9 @@ MODEL = "model.onnx"
 # writes byte-identical archives.
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 # Tensor names: slash-separated words; no empty, "." or ".." component.
+# The key under which parity.torch_side and parity.tf_side report a loss call
+# that raised, instead of the loss quantities.
+_ERROR_KEY = "__error__"
 _NAME = re.compile(r"[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-.]+)*")
 
 
@@ -131,7 +135,11 @@ def _toy_grid():
                         batch_norm="eval",
                         batch_size=8,
                     )
-                    specs.append(CaseSpec(name, cfg, f"toy network, {cfg.label()}"))
+                    description = (
+                        "toy network (conv 3x3, ReLU, mean, dense) on the digits "
+                        f"padded to 12x12; {cfg.label().split(',', 1)[1]}"
+                    )
+                    specs.append(CaseSpec(name, cfg, description))
     return specs
 
 
@@ -161,9 +169,14 @@ def _cases():
             CaseSpec(
                 f"trap-ties-k{top_k}",
                 cfg,
-                "tie trap: all weights zero, so all logits are equal, every "
-                "other class ties and every gradient norm is 0 (dist = 0, "
-                "gradients scale with 1/epsilon)",
+                "tie trap: all weights zero, so all logits are equal, the 9 "
+                "other classes tie and every gradient norm is 0 (dist = 0, "
+                "gradients scale with 1/epsilon); "
+                + (
+                    "K=1: the max shares its gradient among the tied classes"
+                    if top_k == 1
+                    else "K=3, exact: top-k takes the lowest tied indices"
+                ),
                 weights="zeros",
                 trap="ties",
             )
@@ -601,8 +614,6 @@ def _inside(case, folder, relative, what):
 
 
 def _check_file(case, path, entry, role):
-    if not os.path.isfile(path):
-        raise FixtureError(f"case {case}: {role} file {entry['path']} is missing")
     size = os.path.getsize(path)
     if size != entry.get("bytes"):
         raise FixtureError(
@@ -634,45 +645,57 @@ def _read_manifest(case, folder):
     return manifest
 
 
-def _read_tensors(case, path, listed):
+def _read_tensors(case, path, listed, size):
+    def unreadable(e):
+        actual = os.path.getsize(path)
+        if actual != size:
+            return FixtureError(
+                f"case {case}: {TENSORS} has {actual} bytes, the manifest says "
+                f"{size} (truncated or replaced); it cannot be read ({e})"
+            )
+        return FixtureError(f"case {case}: {TENSORS} is not a readable npz ({e})")
+
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.namelist()
-    except (OSError, zipfile.BadZipFile) as e:
-        raise FixtureError(f"case {case}: {TENSORS} is not a readable npz ({e})") from e
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise unreadable(e) from e
+    for name in listed:
+        if not _NAME.fullmatch(name):
+            raise FixtureError(
+                f"case {case}: tensor name leaves the case's namespace. "
+                f"Received: tensor={name!r}"
+            )
     present = {m[: -len(".npy")] for m in members if m.endswith(".npy")}
     stray = sorted(
-        set(members) - {f"{n}.npy" for n in present} | (present - set(listed))
+        (set(members) - {f"{n}.npy" for n in present}) | (present - set(listed))
     )
     if stray:
         raise FixtureError(
             f"case {case}: tensor {stray[0]} in {TENSORS} is not in the manifest"
         )
+    for name in listed:
+        if name not in present:
+            raise FixtureError(f"case {case}: tensor {name} is missing from {TENSORS}")
+
     arrays = {}
     try:
-        with np.load(path, allow_pickle=False) as f:
-            for name, entry in listed.items():
-                if not isinstance(name, str) or not _NAME.fullmatch(name):
-                    raise FixtureError(
-                        f"case {case}: tensor name leaves the case's namespace. "
-                        f"Received: tensor={name!r}"
-                    )
-                if name not in present:
-                    raise FixtureError(
-                        f"case {case}: tensor {name} is missing from {TENSORS}"
-                    )
-                try:
-                    array = f[name]
-                except ValueError as e:
-                    # np.load refuses object arrays when allow_pickle is False.
-                    raise FixtureError(
-                        f"case {case}: tensor {name} cannot be read without "
-                        f"pickle ({e})"
-                    ) from e
-                _check_tensor(case, name, array, entry)
-                arrays[name] = array
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise FixtureError(f"case {case}: {TENSORS} is not a readable npz ({e})") from e
+        f = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise unreadable(e) from e
+    with f:
+        for name, entry in listed.items():
+            try:
+                array = f[name]
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                # A damaged member fails its CRC or inflation; an object array
+                # is refused because allow_pickle is False.
+                raise FixtureError(
+                    f"case {case}: tensor {name} cannot be read ({type(e).__name__}: "
+                    f"{e})"
+                ) from e
+            _check_tensor(case, name, array, entry)
+            arrays[name] = array
     return arrays
 
 
@@ -731,10 +754,15 @@ def load_case(folder):
     for role in roles:
         entry = files[role]
         paths[role] = _inside(case, folder, entry.get("path"), f"{role} file")
-        _check_file(case, paths[role], entry, role)
+        if not os.path.isfile(paths[role]):
+            raise FixtureError(f"case {case}: {role} file {entry['path']} is missing")
 
-    arrays = _read_tensors(case, paths["tensors"], manifest["tensors"])
+    # Tensors first, so that a changed tensor is named; then the files whole.
+    arrays = _read_tensors(
+        case, paths["tensors"], manifest["tensors"], files["tensors"].get("bytes")
+    )
     for role in roles:
+        _check_file(case, paths[role], files[role], role)
         if _file_sha256(paths[role]) != files[role].get("sha256"):
             raise FixtureError(
                 f"case {case}: checksum mismatch for file {files[role]['path']}"
@@ -999,23 +1027,29 @@ def verify_case(case, impl, *, device="cpu", onnx=True):
     try:
         actual = _actual(case, impl, device)
     except (ValueError, TypeError, RuntimeError) as e:
-        rows = [
-            compare_lib.Row(
-                key="loss_call",
-                status=compare_lib.FAIL,
-                message=f"{impl.side} raised {type(e).__name__}: {e}",
-            )
-        ]
-    else:
-        rows = compare_lib.compare_all(
-            actual,
-            case.expected,
-            dtype=cfg.dtype,
-            config=cfg,
-            actual_side=impl.side,
-            expected_side="fixture",
-            skip_missing_internals=impl.loss is not None,
+        actual = {_ERROR_KEY: f"{impl.side} raised {type(e).__name__}: {e}"}
+    error = actual.pop(_ERROR_KEY, None)
+    rows = compare_lib.compare_all(
+        actual,
+        case.expected,
+        dtype=cfg.dtype,
+        config=cfg,
+        actual_side=impl.side,
+        expected_side="fixture",
+        skip_missing_internals=impl.loss is not None,
+    )
+    if error is not None:
+        # The loss call failed: the forward rows still say something, the
+        # rest are marked as not computed, after the error itself.
+        forward = [r for r in rows if r.quantity in ("input", "logits", "activation")]
+        rest = [r for r in rows if r not in forward]
+        for r in rest:
+            if r.failed and "missing on" in r.message:
+                r.message = f"{r.key}: not computed, the loss call failed"
+        error_row = compare_lib.Row(
+            key="loss_call", status=compare_lib.FAIL, message=error
         )
+        rows = forward + [error_row] + rest
     if onnx:
         rows += onnx_rows(case)
     return rows
@@ -1083,6 +1117,13 @@ def _verify(args, parser):
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     device = "cpu"
+    if impl.lane == "tf":
+        try:
+            import tensorflow  # noqa: F401
+        except ImportError as e:
+            parser.exit(
+                2, f"error: --impl tf needs TensorFlow, which does not import ({e})\n"
+            )
     if impl.lane == "torch":
         device = _torch_device(args.device)
         if device is None:
