@@ -31,10 +31,9 @@ import torch
 import torch.nn.functional as F
 
 import torch_impl
-from parity import compare
+from parity import compare, spec, torch_side
 from parity import config as config_lib
 from parity import data as data_lib
-from parity import spec, torch_side
 from parity import weights as weights_lib
 
 __all__ = [
@@ -50,7 +49,7 @@ __all__ = [
     "run_catalogue",
 ]
 
-ERROR_KEY = "__error__"
+ERROR_KEY = torch_side.ERROR_KEY
 BATCH_SIZE = 64
 SEED = 0
 
@@ -131,6 +130,14 @@ SETTINGS = {
             weights="tie",
             why="all-equal logits with K=3: top-k ties",
         ),
+        Setting(
+            "train",
+            _config(),
+            steps=3,
+            recipe=(("decay_steps", 2),),
+            why="3 training steps of the reference recipe, learning-rate "
+            "staircase every 2 steps so that a decay falls inside the run",
+        ),
     )
 }
 
@@ -179,7 +186,9 @@ def _select(other, top_k, fault):
         # to a reversed-index stable sort if that ever changes).
         values, index = torch.topk(other, top_k, dim=1)
         if _topk_is_stable():
-            rev = torch.sort(other.detach().flip(1), dim=1, descending=True, stable=True)
+            rev = torch.sort(
+                other.detach().flip(1), dim=1, descending=True, stable=True
+            )
             index = other.shape[1] - 1 - rev.indices[:, :top_k]
             values = other.gather(1, index)
         return values, index
@@ -564,7 +573,71 @@ _NETWORK_MUTANTS = (
     ),
 )
 
-MUTANTS = {m.name: m for m in _LOSS_MUTANTS + _NETWORK_MUTANTS}
+
+def _torch_rmsprop(params, lr, recipe):
+    return torch.optim.RMSprop(
+        params,
+        lr=lr,
+        alpha=recipe.rms_decay,
+        eps=recipe.rms_epsilon,
+        momentum=recipe.rms_momentum,
+    )
+
+
+def _staircase_off_by_one(step, recipe):
+    # The global step after its increment: every decay comes one update early.
+    return recipe.learning_rate * recipe.decay_rate ** (
+        (step + 1) // recipe.decay_steps
+    )
+
+
+def _training(name, description, recipe, setting, expected_row, build=None):
+    port = torch_side.Port(name=name, recipe=recipe)
+    if build is not None:
+        port.build_model = build
+    return Mutant(name, description, port, setting, expected_row, "training")
+
+
+_TRAINING_MUTANTS = (
+    _training(
+        "batch_norm_momentum",
+        "batch-norm momentum=0.9 in PyTorch's convention (TF's 0.9 is 0.1)",
+        {},
+        "train",
+        "train_moving_norm/step0000",
+        build=_build_batch_norm(momentum=0.9),
+    ),
+    _training(
+        "torch_rmsprop",
+        "torch.optim.RMSprop for TF1 RMSProp: accumulator from 0, eps outside",
+        {"optimizer": _torch_rmsprop},
+        "train",
+        "train_param_norm/step0000",
+    ),
+    _training(
+        "weight_decay_for_l2",
+        "weight decay added to the gradient in place of the L2 loss term",
+        {"l2": "weight_decay"},
+        "train",
+        "train_total_loss/step0000",
+    ),
+    _training(
+        "l2_weights_only",
+        "L2 over kernels only, not biases and batch-norm scale and offset",
+        {"l2": "weights_only"},
+        "train",
+        "train_total_loss/step0000",
+    ),
+    _training(
+        "staircase_off_by_one",
+        "learning-rate staircase from the incremented step: decays 1 step early",
+        {"lr_schedule": _staircase_off_by_one},
+        "train",
+        "train_learning_rate/step0001",
+    ),
+)
+
+MUTANTS = {m.name: m for m in _LOSS_MUTANTS + _NETWORK_MUTANTS + _TRAINING_MUTANTS}
 
 
 # --------------------------------------------------------------------------
@@ -621,10 +694,15 @@ class MutantResult:
 
 
 class _Expected:
-    """The TensorFlow side of each static setting, computed once."""
+    """The TensorFlow side of each setting, computed once.
+
+    Static settings keep the TensorFlow quantities; training settings keep
+    the first `TrainingResult`, whose TensorFlow run later calls reuse.
+    """
 
     def __init__(self):
         self._cache = {}
+        self.training = {}
 
     def get(self, setting, weights, x, y):
         key = (setting.config, setting.weights)
@@ -647,7 +725,13 @@ def _static_rows(setting, port, expected, weights, x, y, device):
     try:
         actual = torch_side.quantities(cfg, weights, x, y, port=port, device=device)
     except Exception as e:  # a port under test may fail in any way
-        actual = {ERROR_KEY: f"the {port.name} port raised {type(e).__name__}: {e}"}
+        # Nothing was computed, not even the forward pass: the error row
+        # comes first.
+        message = f"the {port.name} port raised {type(e).__name__}: {e}"
+        rows = compare.compare_all({}, expected, dtype=cfg.dtype, config=cfg)
+        for r in rows:
+            r.message = f"{r.key}: not computed, the port failed"
+        return [_error_row("port_call/PyTorch", message)] + rows
     errors = []
     for side, values in (("TensorFlow", expected), ("PyTorch", actual)):
         if ERROR_KEY in values:
@@ -669,10 +753,12 @@ def _static_rows(setting, port, expected, weights, x, y, device):
     return rows
 
 
-def _training_rows(setting, port, weights, dataset, device):
+def _training_rows(setting, port, weights, dataset, device, references):
     from parity import training
 
-    recipe = training.Recipe(batch_size=setting.config.batch_size, **dict(setting.recipe))
+    recipe = training.Recipe(
+        batch_size=setting.config.batch_size, **dict(setting.recipe)
+    )
     try:
         result = training.compare_training(
             setting.config,
@@ -683,9 +769,11 @@ def _training_rows(setting, port, weights, dataset, device):
             port=port,
             device=device,
             progress=False,
+            reference=references.get(setting),
         )
     except Exception as e:  # a port under test may fail in any way
         return [_error_row("train_call/PyTorch", f"{type(e).__name__}: {e}")]
+    references.setdefault(setting, result)
     return list(result.rows)
 
 
@@ -700,7 +788,14 @@ class _Runner:
     def check(self, port, setting):
         weights = _weights(setting.weights, self.dataset.input_size)
         if setting.training:
-            rows = _training_rows(setting, port, weights, self.dataset, self.device)
+            rows = _training_rows(
+                setting,
+                port,
+                weights,
+                self.dataset,
+                self.device,
+                self.expected.training,
+            )
         else:
             cfg = setting.config
             x, y = _batch(self.dataset, cfg.batch_size, cfg.seed)
@@ -821,7 +916,7 @@ def format_table(results, baseline):
     for r in results:
         first = r.check.first
         row = "-" if first is None else first.key
-        if first is not None and first.key.startswith(("loss_call", "train_call")):
+        if first is not None and first.key.endswith("_call/PyTorch"):
             row = f"{first.key}: {_short(first.message, 60)}"
         located = "yes" if r.located else f"NO (expected {r.mutant.expected_row})"
         lines.append(
@@ -878,12 +973,36 @@ def build_parser():
         "checks: every one must be caught, at the row its fault should produce, "
         "and the unmodified port must pass every setting they use.",
     )
-    p.add_argument("--only", nargs="+", metavar="NAME", default=None,
-                   help=f"run only these mutants ({', '.join(MUTANTS)})")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help=f"run only these mutants ({', '.join(MUTANTS)})",
+    )
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads per framework (default 1: the networks are "
+        "tiny, and more threads than free cores slow them down many "
+        "times over)",
+    )
     return p
+
+
+def _set_threads(threads):
+    torch.set_num_threads(threads)
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # TensorFlow already initialised: keep its pools
+        pass
 
 
 def main(argv=None):
@@ -902,6 +1021,12 @@ def main(argv=None):
                 f"known: {', '.join(MUTANTS)}\n",
             )
 
+    if args.threads < 1:
+        parser.exit(
+            2,
+            f"error: --threads must be 1 or more. Received: --threads={args.threads}\n",
+        )
+    _set_threads(args.threads)
     started = time.perf_counter()
     results, baseline = run_catalogue(args.only, progress=not args.quiet)
     seconds = time.perf_counter() - started
