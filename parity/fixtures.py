@@ -35,7 +35,7 @@ import zlib
 
 import numpy as np
 
-from parity import __version__, report, tolerances
+from parity import __version__, determinism, report, tolerances
 from parity import compare as compare_lib
 from parity import config as config_lib
 from parity import data as data_lib
@@ -43,17 +43,23 @@ from parity import weights as weights_lib
 
 __all__ = [
     "CASES",
+    "CaseSpec",
     "FixtureError",
+    "Implementation",
     "LoadedCase",
     "SCHEMA_VERSION",
     "build",
     "build_case",
     "case_names",
     "default_folder",
+    "find_cases",
+    "implementation",
     "load_case",
     "main",
+    "onnx_rows",
     "read_npz",
     "tensor_sha256",
+    "training_rows",
     "verify_case",
     "write_npz",
 ]
@@ -385,6 +391,25 @@ def _training_arrays(spec, weights):
     return x, labels, expected
 
 
+def _loss_kwargs(cfg, x):
+    """The keyword arguments the reference loss was called with, JSON-ready."""
+    height, width = x.shape[-3], x.shape[-2]
+    # Elements per example of each possible margin layer (REFERENCE.md
+    # section 2; the toy network keeps the input size).
+    per_example = {
+        "input": height * width,
+        "conv_layer0": height * width * 8
+        if cfg.arch == "toy"
+        else (height // 2) * (width // 2) * 32,
+        "conv_layer1": (height // 4) * (width // 4) * 64,
+        "fc_layer0": 512,
+    }
+    kwargs = cfg.loss_kwargs([per_example[name] for name in cfg.layers])
+    if kwargs["dist_norm"] == math.inf:
+        kwargs["dist_norm"] = "inf"
+    return kwargs
+
+
 def _records_to_arrays(records):
     from parity import training
 
@@ -466,6 +491,7 @@ def build_case(spec, folder, *, versions=None):
         "kind": spec.kind,
         "description": spec.description,
         "config": cfg.to_dict(),
+        "loss_kwargs": _loss_kwargs(cfg, x),
         "generator": versions or _versions(),
     }
     files = [("tensors", TENSORS)]
@@ -509,12 +535,6 @@ def build_case(spec, folder, *, versions=None):
     return manifest
 
 
-def _set_tf_determinism():
-    import tensorflow as tf
-
-    tf.config.experimental.enable_op_determinism()
-
-
 def build(out=None, names=None, *, log=None):
     """Builds cases into `out`, replacing each case folder only at the end.
 
@@ -539,7 +559,8 @@ def build(out=None, names=None, *, log=None):
     if unknown:
         raise ValueError(f"unknown case(s). Received: cases={unknown}")
     os.makedirs(out, exist_ok=True)
-    _set_tf_determinism()
+    # Deterministic kernels, so that building twice gives the same bytes.
+    determinism.set_determinism(frameworks=("tensorflow",))
     versions = _versions()
 
     staging = tempfile.mkdtemp(dir=out, prefix=".build-")
@@ -582,11 +603,6 @@ class LoadedCase:
         model_path: path of ``model.onnx``; None for training cases.
     """
 
-    @property
-    def kind(self):
-        """``"static"`` or ``"training"``."""
-        return self.manifest["kind"]
-
     name: str
     folder: str
     manifest: dict
@@ -596,6 +612,11 @@ class LoadedCase:
     weights: dict
     expected: dict
     model_path: str
+
+    @property
+    def kind(self):
+        """``"static"`` or ``"training"``."""
+        return self.manifest["kind"]
 
 
 def _inside(case, folder, relative, what):
@@ -618,7 +639,7 @@ def _inside(case, folder, relative, what):
     return path
 
 
-def _check_file(case, path, entry, role):
+def _check_file(case, path, entry):
     size = os.path.getsize(path)
     if size != entry.get("bytes"):
         raise FixtureError(
@@ -767,7 +788,7 @@ def load_case(folder):
         case, paths["tensors"], manifest["tensors"], files["tensors"].get("bytes")
     )
     for role in roles:
-        _check_file(case, paths[role], files[role], role)
+        _check_file(case, paths[role], files[role])
         if _file_sha256(paths[role]) != files[role].get("sha256"):
             raise FixtureError(
                 f"case {case}: checksum mismatch for file {files[role]['path']}"
@@ -1141,7 +1162,11 @@ def _verify(args, parser):
             parser.exit(
                 2, f"error: --impl tf needs TensorFlow, which does not import ({e})\n"
             )
+        determinism.set_determinism(frameworks=("tensorflow",))
     if impl.lane == "torch":
+        # Only the lane under test: asking for TensorFlow's switch would
+        # import it.
+        determinism.set_determinism(frameworks=("torch",))
         device = _torch_device(args.device)
         if device is None:
             parser.exit(2, "error: --device cuda, but PyTorch sees no GPU\n")
@@ -1194,6 +1219,7 @@ def _verify(args, parser):
 
 
 def main(argv=None):
+    """``python -m parity.fixtures build|verify|list``; returns the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "list":
