@@ -46,6 +46,7 @@ __all__ = [
     "check_mutant",
     "check_port",
     "main",
+    "rows_of",
     "run_catalogue",
 ]
 
@@ -181,21 +182,23 @@ def _select(other, top_k, fault):
         values, index = torch.max(other, dim=1, keepdim=True)
         return values, index
     if fault == "unstable_top_k":
-        # torch.topk makes no promise on ties; on this CPU it returns a
-        # higher index first (checked by the test suite, which falls back
-        # to a reversed-index stable sort if that ever changes).
-        values, index = torch.topk(other, top_k, dim=1)
+        # torch.topk makes no promise on ties; on this project's CPU it puts
+        # a higher index first. Where it happens to be stable, a stable sort
+        # of the reversed row stands in for it: the higher index first.
         if _topk_is_stable():
-            rev = torch.sort(
-                other.detach().flip(1), dim=1, descending=True, stable=True
-            )
-            index = other.shape[1] - 1 - rev.indices[:, :top_k]
-            values = other.gather(1, index)
-        return values, index
+            return _higher_index_first(other, top_k)
+        return torch.topk(other, top_k, dim=1)
     index = torch.sort(other.detach(), dim=1, descending=True, stable=True)
     index = index.indices[:, :top_k]
     if top_k == 1:
         return other.amax(dim=1, keepdim=True), index
+    return other.gather(1, index), index
+
+
+def _higher_index_first(other, top_k):
+    """An unstable top-k: among equal values, the higher index comes first."""
+    rev = torch.sort(other.detach().flip(1), dim=1, descending=True, stable=True)
+    index = other.shape[1] - 1 - rev.indices[:, :top_k]  # [B, K]
     return other.gather(1, index), index
 
 
@@ -210,10 +213,10 @@ def _gradients(diff, layers_list, top_k, create_graph, fault):
     per_k = []
     for k in range(top_k):
         if fault == "per_example_gradients":
-            # d diff[b, k] / d h_l[b] for each b alone: the cross-example
-            # terms through batch statistics are lost.
-            # One backward pass per example, batched (vmap over the one-hot
-            # output gradients); each result [B, B, ...] keeps its diagonal.
+            # d diff[b, k] / d h_l[b] for each b alone, one backward pass per
+            # example, batched over one-hot output gradients: each result
+            # [B, B, ...] keeps its diagonal, and the cross-example terms
+            # through batch statistics are lost.
             batch = diff.shape[0]
             eye = torch.eye(batch, dtype=diff.dtype, device=diff.device)
             grads = torch.autograd.grad(
@@ -854,6 +857,18 @@ def check_port(port, settings=None, *, device="cpu", progress=False, runner=None
     return out
 
 
+def rows_of(checks):
+    """The rows of several `PortCheck`s in one list, keys ``<setting>::<key>``.
+
+    For `parity.report`'s table, summary, JSON and JUnit writers.
+    """
+    return [
+        dataclasses.replace(r, key=f"{c.setting.name}::{r.key}")
+        for c in checks
+        for r in c.rows
+    ]
+
+
 def check_mutant(mutant, *, device="cpu", runner=None):
     """Runs one mutant under its setting; returns a `MutantResult`."""
     runner = runner or _Runner(device)
@@ -910,20 +925,21 @@ def format_table(results, baseline):
     """The catalogue as a fixed-width table, a settings legend and a verdict."""
     header = (
         f"{'mutant':<25} {'description':<70} {'setting':<10} {'result':<7} "
-        f"{'first diverging row':<40} expected row"
+        f"{'first diverging row':<34} expected row"
     )
     lines = [header, "-" * len(header)]
     for r in results:
         first = r.check.first
         row = "-" if first is None else first.key
-        if first is not None and first.key.endswith("_call/PyTorch"):
-            row = f"{first.key}: {_short(first.message, 60)}"
         located = "yes" if r.located else f"NO (expected {r.mutant.expected_row})"
         lines.append(
             f"{r.mutant.name:<25} {_short(r.mutant.description, 70):<70} "
             f"{r.check.setting.name:<10} {'CAUGHT' if r.caught else 'MISSED':<7} "
-            f"{row:<40} {located}"
+            f"{row:<34} {located}"
         )
+        if first is not None and first.key.endswith("_call/PyTorch"):
+            # A port that raised: its message is the finding.
+            lines.append(f"{'':<25} {_short(first.message, 140)}")
     lines.append("")
     lines.append("unmodified port (torch_impl) under each setting:")
     for check in baseline:
@@ -948,13 +964,9 @@ def exit_code(results, baseline):
 def _write_json(path, results, baseline, seconds):
     from parity import report
 
-    rows = []
-    for check in baseline:
-        for r in check.rows:
-            rows.append(dataclasses.replace(r, key=f"{check.setting.name}::{r.key}"))
     report.write_json(
         path,
-        rows=rows,
+        rows=rows_of(baseline),
         config={c.setting.name: c.setting.label() for c in baseline},
         extra={
             "mutants": [r.to_dict() for r in results],

@@ -106,6 +106,16 @@ def test_unstable_top_k_really_picks_other_indices_on_ties(catalogue):
     assert first.mismatched > 0
 
 
+def test_unstable_stand_in_puts_the_higher_index_first():
+    import torch
+
+    other = torch.full((2, 10), 0.1, dtype=torch.float64)
+    other[:, 3] = 0.0  # the correct class, zeroed
+    values, index = mutants._higher_index_first(other, 3)
+    assert index.tolist() == [[9, 8, 7], [9, 8, 7]]
+    assert values.tolist() == [[0.1] * 3] * 2
+
+
 def test_tie_fault_needs_the_tie_trap(runner):
     # Without ties torch.max and amax agree: the default setting passes it.
     check = runner.check(
@@ -132,6 +142,8 @@ def test_check_port_runs_a_scalar_plugin_like_a_mutant(runner):
     (check,) = mutants.check_port(port, ["tie-k3"], runner=runner)
     assert check.passed, check.first.message
     assert any(r.status == "SKIP" for r in check.rows)
+    keys = [r.key for r in mutants.rows_of([check])]
+    assert keys[0] == "tie-k3::input"
 
 
 def test_port_that_fails_to_build_is_a_caught_row(runner):
