@@ -310,6 +310,17 @@ def test_usage_errors_exit_2(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_device_cuda_without_a_gpu_is_a_usage_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present; the CUDA lane is exercised by --device cuda")
+    with pytest.raises(SystemExit) as info:
+        fixtures.main(["verify", "--device", "cuda", SMALL])
+    assert info.value.code == 2
+    assert "--device cuda, but PyTorch sees no GPU" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------- planted faults
 
 
