@@ -102,13 +102,13 @@ def quantities(cfg, weights, x_nhwc, labels, loss_fn=None):
         logits, endpoints, parts, grads = compute(x, y)
     except RuntimeError as e:
         logits, endpoints = model(x, training=cfg.training)
-        out = {"input": np.array(x_nhwc), "logits": logits.numpy()}
+        out = {"input": x.numpy(), "logits": logits.numpy()}
         for name, t in endpoints.items():
             out[f"activation/{name}"] = t.numpy()
         out[ERROR_KEY] = str(e)
         return out
 
-    out = {"input": np.array(x_nhwc), "logits": logits.numpy()}
+    out = {"input": x.numpy(), "logits": logits.numpy()}
     for name, t in endpoints.items():
         out[f"activation/{name}"] = t.numpy()
     if "top_k_index" in parts:

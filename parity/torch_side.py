@@ -122,7 +122,8 @@ def quantities(cfg, weights, x_nhwc, labels, port=None, device="cpu"):
     one_hot = F.one_hot(torch.from_numpy(labels).to(device), logits.shape[1])
     one_hot = one_hot.to(logits.dtype)
 
-    out = {"input": x_nhwc.copy(), "logits": _np(logits)}
+    # The input as the network saw it, brought back to NHWC by the shared code.
+    out = {"input": neutral.activation_to_neutral(_np(x)), "logits": _np(logits)}
     for name, t in endpoints.items():
         out[f"activation/{name}"] = neutral.activation_to_neutral(_np(t))
     try:
