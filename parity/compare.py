@@ -102,6 +102,7 @@ def compare_arrays(
     atol,
     actual_side="PyTorch",
     expected_side="TensorFlow",
+    scale=None,
 ):
     """Compares one quantity and returns its `Row`.
 
@@ -113,6 +114,9 @@ def compare_arrays(
         atol: absolute tolerance, in units of the larger tensor's magnitude.
         actual_side: shown in messages.
         expected_side: shown in messages.
+        scale: a magnitude that `atol` is in units of when it exceeds the
+            tensors' own (for a loss, the size of its terms: see
+            `compare_all`).
 
     Returns:
         A `Row`; its status is ``FAIL`` on a missing name, a shape or dtype
@@ -160,7 +164,7 @@ def compare_arrays(
     a = actual.astype(np.float64)
     e = expected.astype(np.float64)
     diff = np.abs(a - e)
-    scale = max(np.abs(e).max(), np.abs(a).max())
+    scale = max(np.abs(e).max(), np.abs(a).max(), scale or 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(diff == 0, 0.0, diff / np.abs(e))
     if floating:
@@ -210,6 +214,7 @@ def compare_all(
         A list of `Row`, one per expected key, then one per key only in
         `actual`.
     """
+    loss_scales = _loss_scales(expected, config)
     rows = []
     for key in _data_flow_order(expected):
         a = actual.get(key)
@@ -232,6 +237,7 @@ def compare_all(
             atol=tol.atol,
             actual_side=actual_side,
             expected_side=expected_side,
+            scale=loss_scales.get(key),
         )
         if row.failed and a is not None:
             record = divergences_lib.explain(divergences, config, key, a, expected[key])
@@ -252,6 +258,41 @@ def compare_all(
                 )
             )
     return rows
+
+
+def _loss_scales(expected, config):
+    """The size of the largest term of each loss row, from the reference side.
+
+    A layer's loss is a mean over the batch of sums over k of clipped
+    distances, ``-min(gamma, max(dist, lower))`` (REFERENCE.md section 1,
+    steps 10-12). Where the terms cancel, the loss is far smaller than its
+    terms, and than their rounding error: its absolute tolerance is then in
+    units of its largest term, as a tensor's is in units of its largest
+    element. Needs the config's clips and the reference's distances; without
+    them the loss rows keep their own magnitude.
+
+    Returns:
+        A dict ``layer_loss/<layer>`` and ``loss`` -> scale.
+    """
+    if config is None:
+        return {}
+    gamma = float(config.gamma)
+    lower = gamma * (1.0 - float(config.alpha))
+    scales = {}
+    for key, dist in expected.items():
+        if not key.startswith("distance/"):
+            continue
+        dist = np.asarray(dist, dtype=np.float64)  # [B, K]
+        if dist.ndim != 2 or dist.size == 0 or not np.isfinite(dist).all():
+            continue
+        if config.worst_case:
+            dist = dist.min(axis=1, keepdims=True)  # [B, 1]
+        terms = np.minimum(gamma, np.maximum(dist, lower))  # [B, K or 1]
+        layer = key.split("/", 1)[1]
+        scales[f"layer_loss/{layer}"] = float(np.abs(terms).sum(axis=1).max())
+    if scales:
+        scales["loss"] = max(scales.values())
+    return scales
 
 
 def _data_flow_order(keys):
