@@ -10,9 +10,12 @@ Layout choices, which `fixtures/README.md` repeats for porters:
   expects. Endpoint outputs are NCHW too (``conv_layer0``, ``conv_layer1``) or
   ``[batch, units]`` (``fc_layer0``); `run` returns them NHWC, the neutral
   layout, so that they compare directly with the fixtures.
-- Every initializer is a neutral weight under its neutral name, in the
-  neutral layout: convolution kernels stay HWIO and a ``Transpose`` node turns
-  them into ONNX's OIHW; dense kernels stay ``[in, out]`` and feed ``MatMul``.
+- The initializers are exactly the neutral weights, under their neutral
+  names, in the neutral layout (with ``batch_norm="train"`` without the moving
+  statistics, which that graph does not read); shapes and epsilons are
+  ``Constant`` nodes. Convolution kernels stay HWIO and a ``Transpose`` node
+  turns them into ONNX's OIHW; dense kernels stay ``[in, out]`` and feed
+  ``MatMul``.
 - The reference flattens in NHWC order, so the graph transposes the last
   feature map to NHWC before its ``Reshape``: the first dense kernel keeps the
   reference's row order.
@@ -53,8 +56,17 @@ class _Graph:
         self.initializers = []
         self._count = 0
 
-    def constant(self, name, array):
+    def weight(self, name, array):
+        """An initializer: the graph's weights and nothing else."""
         self.initializers.append(self.numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def constant(self, name, array):
+        """A ``Constant`` node, for shapes and epsilons that are not weights."""
+        tensor = self.numpy_helper.from_array(np.asarray(array), name)
+        self.nodes.append(
+            self.helper.make_node("Constant", [], [name], name=name, value=tensor)
+        )
         return name
 
     def node(self, op, inputs, output=None, **attributes):
@@ -152,8 +164,10 @@ def export(arch, weights, *, batch_norm="eval", input_size=None, num_classes=Non
     num_classes = num_classes or int(np.asarray(weights["logits/bias"]).shape[0])
 
     g = _Graph(helper, numpy_helper)
-    for name in table:
-        g.constant(name, np.asarray(weights[name], np.float32))
+    for name, (kind, _) in table.items():
+        if kind == "moving" and batch_norm == "train":
+            continue  # batch statistics replace them; an unused input would warn
+        g.weight(name, np.asarray(weights[name], np.float32))
 
     outputs = {}
     if arch == "toy":

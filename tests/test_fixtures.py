@@ -388,7 +388,7 @@ def test_the_builtin_port_passes_the_same_cases():
 @pytest.mark.tf
 def test_build_is_deterministic_and_reproduces_the_committed_case(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
-    fixtures.build(str(first), [SMALL])
+    assert fixtures.main(["build", "--out", str(first), SMALL]) == 0
     fixtures.build(str(second), [SMALL])
     for name in ("tensors.npz", "model.onnx", "manifest.json"):
         assert (first / SMALL / name).read_bytes() == (
