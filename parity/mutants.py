@@ -629,7 +629,7 @@ _TRAINING_MUTANTS = (
         "L2 over kernels only, not biases and batch-norm scale and offset",
         {"l2": "weights_only"},
         "train",
-        "train_total_loss/step0000",
+        "train_l2_loss/step0000",
     ),
     _training(
         "staircase_off_by_one",
