@@ -374,6 +374,22 @@ def test_a_sign_flip_fails_verify(tmp_path, capsys):
     assert "part first at toy-pinf-k1-worst-approx::layer_loss/input" in out
 
 
+def test_a_sign_flip_fails_the_training_case_at_step_0(tmp_path):
+    spec = _plugin(
+        tmp_path,
+        """
+        def sign_flip(**kwargs):
+            return -torch_impl.large_margin(**kwargs)
+        """,
+    )
+    case = fixtures.load_case(os.path.join(FIXTURES, "train-digits-5-steps"))
+    rows = fixtures.verify_case(case, fixtures.implementation(f"{spec}:sign_flip"))
+    status = _statuses(rows)
+    assert status["train_learning_rate/step0000"] == "PASS"
+    assert status["train_margin_loss/step0000"] == "FAIL"
+    assert status["final_param/fc_layer0/kernel"] == "FAIL"
+
+
 def test_the_builtin_port_passes_the_same_cases():
     impl = fixtures.implementation("torch")
     for name in ("toy-p2-k3-sum-approx", "toy-pinf-k1-worst-approx", "trap-clip"):
