@@ -15,6 +15,20 @@ BN_DECAY = 0.9
 BN_EPSILON = 1e-5
 
 
+def batch_moments(h):
+    """Mean and biased variance over batch, height and width of NHWC `h`.
+
+    Not `tf.nn.moments`: it puts a stop_gradient on the mean inside the
+    variance. First-order gradients are unchanged by that, but the exact mode
+    differentiates the loss's own gradient, and the second-order terms through
+    the batch statistics then come out wrong (by 0.4% to 4% on the reference
+    network; central differences agree with this formula and with PyTorch).
+    """
+    mean = tf.reduce_mean(h, axis=[0, 1, 2])
+    var = tf.reduce_mean(tf.square(h - mean), axis=[0, 1, 2])
+    return mean, var
+
+
 class ReferenceNet(tf.Module):
     """The reference MNIST network (``arch="mnist"``) or the toy network.
 
@@ -53,8 +67,7 @@ class ReferenceNet(tf.Module):
         mm = v[f"{prefix}/batch_norm/moving_mean"]
         mv = v[f"{prefix}/batch_norm/moving_variance"]
         if training:
-            mean = tf.reduce_mean(h, axis=[0, 1, 2])
-            var = tf.reduce_mean(tf.square(h - mean), axis=[0, 1, 2])
+            mean, var = batch_moments(h)
             # The reference's fused batch norm feeds the moving variance the
             # unbiased (Bessel-corrected) batch variance.
             n = tf.cast(tf.reduce_prod(tf.shape(h)[:3]), h.dtype)
