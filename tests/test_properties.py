@@ -199,6 +199,8 @@ def _within(value, low, high):
 
 
 @pytest.mark.tf
+# TensorFlow raises the recursion limit while building its first graph.
+@pytest.mark.filterwarnings("ignore:The recursion limit will not be reset")
 @_SETTINGS
 @given(problem=_problems())
 def test_frameworks_agree_on_random_problems(problem):
