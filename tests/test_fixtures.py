@@ -7,6 +7,7 @@ message naming the case and the tensor; a fault planted in the PyTorch loss
 must fail at the quantities it touches.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -383,11 +384,13 @@ def test_a_sign_flip_fails_the_training_case_at_step_0(tmp_path):
         """,
     )
     case = fixtures.load_case(os.path.join(FIXTURES, "train-digits-5-steps"))
+    # The first step is enough to see the fault, and five cost five times more.
+    case = dataclasses.replace(case, manifest={**case.manifest, "steps": 1})
     rows = fixtures.verify_case(case, fixtures.implementation(f"{spec}:sign_flip"))
     status = _statuses(rows)
     assert status["train_learning_rate/step0000"] == "PASS"
     assert status["train_margin_loss/step0000"] == "FAIL"
-    assert status["final_param/fc_layer0/kernel"] == "FAIL"
+    assert "train_margin_loss/step0001" not in status
 
 
 def test_the_builtin_port_passes_the_same_cases():
