@@ -33,14 +33,15 @@ __all__ = [
     "write_csv",
 ]
 
-# Per-step quantities, in the order in which a step computes them; the first
-# divergence within a step is the first of these that fails.
+# Per-step quantities, in data-flow order (the parts of the loss before their
+# sum, the loss before its gradient, the update last); the first divergence
+# within a step is the first of these that fails.
 CURVES = (
     "learning_rate",
-    "total_loss",
     "margin_loss",
     "xent_loss",
     "l2_loss",
+    "total_loss",
     "accuracy",
     "grad_norm",
     "clipped_grad_norm",
@@ -520,6 +521,16 @@ def write_csv(result, path):
     _replace_atomically(path, write)
 
 
+def _allowed(rows, name, step, actual, expected):
+    # The bound the row applied, as compare_arrays applies it; NaN (not drawn)
+    # for a step past the horizon.
+    row = rows.get(f"train_{name}/step{step:04d}")
+    if row is None or row.status == compare.SKIP:
+        return np.nan
+    scale = max(abs(actual), abs(expected))
+    return row.atol * scale + row.rtol * abs(expected)
+
+
 # Curves drawn by `plot`, one column each.
 _PLOTTED = ("total_loss", "margin_loss", "xent_loss", "grad_norm", "param_norm")
 
@@ -528,8 +539,9 @@ def plot(result, path):
     """Writes a PNG: each curve of both sides overlaid, their difference below.
 
     The top row overlays PyTorch (actual) and TensorFlow (expected); the
-    bottom row shows ``|actual - expected|`` on a log scale. A vertical line
-    marks the first divergence, if any. Uses matplotlib's Agg backend; the
+    bottom row shows ``|actual - expected|`` on a log scale with the bound
+    each step allowed (dashed). A vertical line marks the first divergence,
+    if any. Uses matplotlib's Agg backend; the
     file is written to a temporary name and renamed.
     """
     import matplotlib
@@ -538,6 +550,7 @@ def plot(result, path):
     from matplotlib.figure import Figure
 
     steps = [e["step"] for e in result.expected]
+    rows = {r.key: r for r in result.rows}
     fig = Figure(figsize=(3.2 * len(_PLOTTED), 5.6), layout="constrained")
     axes = fig.subplots(2, len(_PLOTTED), sharex=True, squeeze=False)
     for col, name in enumerate(_PLOTTED):
@@ -553,11 +566,18 @@ def plot(result, path):
         # log scale: a zero difference is drawn at the smallest positive one.
         positive = diff[diff > 0]
         floor = positive.min() / 10 if positive.size else 1e-300
-        bottom.semilogy(steps, np.maximum(diff, floor), ".-", color="tab:red")
+        bottom.semilogy(
+            steps, np.maximum(diff, floor), ".-", color="tab:red", label="difference"
+        )
+        allowed = [
+            _allowed(rows, name, s, x, y) for s, x, y in zip(steps, a, e, strict=True)
+        ]
+        bottom.semilogy(steps, allowed, "--", color="0.5", label="allowed")
         bottom.set_xlabel("step")
         if col == 0:
             bottom.set_ylabel("|actual - expected|")
             top.legend(fontsize="small")
+            bottom.legend(fontsize="small")
         if result.first_divergence is not None:
             for ax in (top, bottom):
                 ax.axvline(result.first_divergence[0], color="k", ls=":", lw=1)

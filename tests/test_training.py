@@ -198,6 +198,40 @@ def test_compare_training_rejects_inference_batch_norm_and_a_foreign_reference(
         )
 
 
+def test_training_tolerance_grows_per_step_and_stops_at_the_horizon():
+    for dtype, rule in tolerances.TRAINING_TOLERANCES.items():
+        first = tolerances.training_tolerance("total_loss", dtype, 0)
+        second = tolerances.training_tolerance("total_loss", dtype, 1)
+        assert (first.rtol, first.atol) == (rule.rtol, rule.atol)
+        assert second.rtol == pytest.approx(rule.rtol * rule.growth)
+    horizon = tolerances.TRAINING_TOLERANCES["float32"].horizon
+    assert tolerances.training_tolerance("final_param", "float32", horizon + 1) is None
+    assert tolerances.training_tolerance("final_param", "float64", 99) is not None
+    with pytest.raises(ValueError, match="Received: dtype='float16'"):
+        tolerances.training_tolerance("total_loss", "float16", 0)
+
+
+@pytest.mark.tf
+def test_float32_steps_past_the_horizon_are_reported_not_compared(digits, start):
+    horizon = tolerances.TRAINING_TOLERANCES["float32"].horizon
+    result = training.compare_training(
+        config.Config(dtype="float32"),
+        RECIPE,
+        start,
+        digits,
+        steps=horizon + 2,
+        progress=False,
+    )
+    assert _failures(result) == []
+    by_status = {}
+    for row in result.rows:
+        by_status.setdefault(row.status, set()).add(row.key)
+    assert f"train_total_loss/step{horizon:04d}" in by_status["PASS"]
+    assert f"train_total_loss/step{horizon + 1:04d}" in by_status["SKIP"]
+    assert "final_param/logits/kernel" in by_status["SKIP"]
+    assert result.tolerances["horizon"] == horizon
+
+
 # -- five float64 steps agree ------------------------------------------------
 
 
@@ -277,8 +311,16 @@ FAULTS = {
         lambda d: Port(build_model=_bn_momentum_09),
         (0, "moving_norm"),
     ),
-    # The trained loss lacks the L2 term from the start.
-    "weight_decay": (lambda d: Port(recipe={"l2": "weight_decay"}), (0, "total_loss")),
+    # The trained loss lacks the L2 term from the start; its parts agree.
+    "weight_decay": (
+        lambda d: Port(recipe={"l2": "weight_decay"}),
+        (0, "total_loss"),
+    ),
+    # The L2 term leaves out biases and batch-norm parameters.
+    "l2_weights_only": (
+        lambda d: Port(recipe={"l2": "weights_only"}),
+        (0, "l2_loss"),
+    ),
     # decay_steps = 2: the first decay is due at step 2.
     "lr_per_epoch": (
         lambda d: Port(recipe={"lr_schedule": _per_epoch_lr(d)}),
@@ -287,20 +329,33 @@ FAULTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def fault_run(digits, start, margin_run):
+    """``fault -> TrainingResult`` against the shared reference run, cached."""
+    cache = {}
+
+    def run(fault):
+        if fault not in cache:
+            cache[fault] = training.compare_training(
+                config.Config(),
+                RECIPE,
+                start,
+                digits,
+                steps=STEPS,
+                port=FAULTS[fault][0](digits),
+                progress=False,
+                reference=margin_run,
+            )
+        return cache[fault]
+
+    return run
+
+
 @pytest.mark.tf
 @pytest.mark.parametrize("fault", sorted(FAULTS))
-def test_recipe_fault_is_caught_at_its_first_step(fault, digits, start, margin_run):
-    make_port, first = FAULTS[fault]
-    result = training.compare_training(
-        config.Config(),
-        RECIPE,
-        start,
-        digits,
-        steps=STEPS,
-        port=make_port(digits),
-        progress=False,
-        reference=margin_run,
-    )
+def test_recipe_fault_is_caught_at_its_first_step(fault, fault_run):
+    result = fault_run(fault)
+    first = FAULTS[fault][1]
     assert result.first_divergence == first
     step, quantity = first
     # Nothing failed before that step.
@@ -377,19 +432,11 @@ def test_csv_has_one_row_per_step_and_png_is_an_image(margin_run, tmp_path):
 
 
 @pytest.mark.tf
-def test_plot_marks_a_divergence(digits, start, margin_run, tmp_path):
-    result = training.compare_training(
-        config.Config(),
-        RECIPE,
-        start,
-        digits,
-        steps=STEPS,
-        progress=False,
-        port=Port(recipe={"l2": "weights_only"}),
-        reference=margin_run,
-    )
-    assert result.first_divergence == (0, "l2_loss")
+def test_plot_and_document_of_a_divergence(fault_run, tmp_path):
+    result = fault_run("l2_weights_only")
     training.plot(result, tmp_path / "diverged.png")
+    with open(tmp_path / "diverged.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert math.isfinite(result.heldout["actual"])
     document = training.to_document(result)
     assert document["first_divergence"] == {"step": 0, "quantity": "l2_loss"}

@@ -2,7 +2,7 @@
 
 One training step is one `tf.function` (no autograph) that differentiates with
 `tf.gradients`, as the TF1 graph did, and uses TF1's real components:
-`tf.compat.v1.train.RMSPropOptimizer` (its ``ApplyRMSProp`` kernel, slots
+`tf.compat.v1.train.RMSPropOptimizer` (the ``ResourceApplyRMSProp`` kernel, slots
 ``rms`` initialised to ones and ``momentum``), `tf.clip_by_global_norm`,
 `tf.compat.v1.train.exponential_decay` with ``staircase=True`` on a global
 step that `apply_gradients` increments, `tf.nn.l2_loss` and
