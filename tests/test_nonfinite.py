@@ -373,3 +373,56 @@ def test_divergence_never_turns_a_wrong_row_into_known():
     (row,) = compare.compare_all(actual, expected, dtype="float64", config=_ZERO_IMAGE)
 
     assert row.status == compare.FAIL
+
+
+# --- Through the real lanes: the first quantity where a NaN appears -----------
+
+
+def _toy_runs(plant):
+    from parity import tf_side, torch_side
+    from parity import weights as weights_lib
+
+    cfg = config_lib.Config(
+        arch="toy", layers=("input", "conv_layer0"), dist_norm=2, batch_size=4
+    )
+    rng = np.random.default_rng(5)
+    x = rng.uniform(size=(4, 6, 6, 1))
+    labels = np.array([0, 3, 7, 9])
+    weights = weights_lib.init_weights("toy", input_size=6, seed=5)
+    plant(x, weights)
+    actual = torch_side.quantities(cfg, weights, x, labels)
+    expected = tf_side.quantities(cfg, weights, x, labels)
+    return compare.compare_all(actual, expected, dtype="float64", config=cfg)
+
+
+def _nan_pixel(x, weights):
+    x[2, 3, 1, 0] = np.nan
+
+
+def _nan_logit_bias(x, weights):
+    weights["logits/bias"][4] = np.nan
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize(
+    "plant, first_key, count, index",
+    [
+        (_nan_pixel, "input", 1, (2, 3, 1, 0)),
+        # The activations are clean; the NaN appears in column 4 of the logits.
+        (_nan_logit_bias, "logits", 4, (0, 4)),
+    ],
+    ids=["input-pixel", "logit-bias"],
+)
+def test_real_lanes_name_the_first_non_finite_quantity(plant, first_key, count, index):
+    rows = _toy_runs(plant)
+
+    first = compare.first_failure(rows)
+
+    assert first.key == first_key
+    assert first.message == (
+        f"{first_key}: {count} non-finite value(s) on the TensorFlow side, first "
+        f"at index {index} (nan); {count} non-finite value(s) on the PyTorch "
+        f"side, first at index {index} (nan)"
+    )
+    assert all(r.status == compare.PASS for r in rows[: rows.index(first)])
+    assert not any(r.status == compare.KNOWN for r in rows)
