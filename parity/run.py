@@ -121,6 +121,12 @@ def build_parser():
         help="module:function or file.py:function replacing the reference's loss",
     )
     p.add_argument(
+        "--no-catalogue",
+        action="store_true",
+        help="with --torch-loss, check the one config only, not also the mutant "
+        "catalogue's settings (ties, exact mode, K=3, training)",
+    )
+    p.add_argument(
         "--steps",
         type=int,
         default=20,
@@ -327,6 +333,8 @@ def main(argv=None):
         print(report.format_table(all_rows, title=f"static check {base.label()}"))
 
     extra = {"sweep": per_config} if args.sweep else {}
+    if torch_loss is not None and not args.sweep and not args.no_catalogue:
+        all_rows += _catalogue_rows(args, port, device)
     if args.steps and not args.sweep:
         all_rows, extra = _train(
             args, base, weights, dataset, x_train, x_test, port, device, all_rows, extra
@@ -340,6 +348,21 @@ def main(argv=None):
     if args.junit:
         report.write_junit(args.junit, all_rows, name="parity.run")
     return report.exit_code(all_rows)
+
+
+def _catalogue_rows(args, port, device):
+    """The plug-in checked exactly as a mutant is, under every mutant setting.
+
+    Training settings run only when training was asked for (``--steps``).
+    """
+    from parity import mutants
+
+    names = [s.name for s in mutants.SETTINGS.values() if args.steps or not s.training]
+    checks = mutants.check_port(port, names, device=device, progress=not args.quiet)
+    rows = mutants.rows_of(checks)
+    if not args.quiet:
+        print(report.format_table(rows, title="plug-in under the mutant settings"))
+    return rows
 
 
 def _train(args, cfg, weights, dataset, x_train, x_test, port, device, rows, extra):

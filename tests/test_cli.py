@@ -135,6 +135,10 @@ def test_plugin_averaging_over_k_is_flagged_at_the_first_quantity(plugin, tmp_pa
     statuses = {r["key"]: r["status"] for r in doc["rows"]}
     assert statuses["logits"] == "PASS"
     assert statuses["probabilities"] == "SKIP"
+    # Then checked as a mutant is: under the catalogue's static settings too,
+    # where K=3 summed over k also catches it.
+    assert statuses["k3-sum-l2::layer_loss/input"] == "FAIL"
+    assert statuses["tie-k3::logits"] == "PASS"
 
 
 @pytest.mark.tf
@@ -147,7 +151,10 @@ def test_plugin_averaging_over_k_is_flagged_at_the_first_quantity(plugin, tmp_pa
 )
 def test_plugin_that_fails_is_a_reported_failure(plugin, tmp_path, name, message):
     out = tmp_path / "r.json"
-    code = _main(["--torch-loss", f"{plugin}:{name}", "--json", str(out)] + FAST)
+    code = _main(
+        ["--torch-loss", f"{plugin}:{name}", "--json", str(out), "--no-catalogue"]
+        + FAST
+    )
     assert code == 1
     doc = json.loads(out.read_text())
     rows = {r["key"]: r for r in doc["rows"]}
