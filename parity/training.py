@@ -195,11 +195,6 @@ def torch_state(trainer, arch):
     }
 
 
-def _torch_state(port, trainer, arch):
-    # Kept for callers written against the first draft; use `torch_state`.
-    return torch_state(trainer, arch)
-
-
 _FINAL_PREFIX = {
     "param": "final_param",
     "rms": "final_slot/rms",

@@ -185,10 +185,20 @@ class ReferenceTrainer:
                     out[slot][name] = s.numpy()
         return out
 
-    def accuracy(self, x_nhwc, labels):
-        """Accuracy with batch norm in inference mode; ties count as correct."""
-        logits, _ = self.model(tf.constant(x_nhwc, self.dtype), training=False)
-        y = tf.constant(labels, tf.int64)
-        true_logit = tf.gather(logits, y, axis=1, batch_dims=1)
-        correct = true_logit >= tf.reduce_max(logits, axis=1)
-        return float(tf.reduce_mean(tf.cast(correct, tf.float64)).numpy())
+    def accuracy(self, x_nhwc, labels, *, chunk=500):
+        """Accuracy with batch norm in inference mode; ties count as correct.
+
+        Args:
+            x_nhwc: ``[N, height, width, 1]`` array.
+            labels: ``[N]`` int64 class indices.
+            chunk: examples per forward pass, to bound memory.
+        """
+        correct = 0
+        for start in range(0, len(labels), chunk):
+            x = tf.constant(x_nhwc[start : start + chunk], self.dtype)
+            y = tf.constant(labels[start : start + chunk], tf.int64)
+            logits, _ = self.model(x, training=False)
+            true_logit = tf.gather(logits, y, axis=1, batch_dims=1)
+            hit = true_logit >= tf.reduce_max(logits, axis=1)
+            correct += int(tf.reduce_sum(tf.cast(hit, tf.int64)).numpy())
+        return correct / len(labels)

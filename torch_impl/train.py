@@ -240,11 +240,21 @@ class Trainer:
         ]
 
     @torch.no_grad()
-    def accuracy(self, x, labels):
-        """Accuracy with batch norm in inference mode; ties count as correct."""
+    def accuracy(self, x, labels, *, chunk=500):
+        """Accuracy with batch norm in inference mode; ties count as correct.
+
+        Args:
+            x: ``[N, 1, height, width]`` on the model's device and dtype.
+            labels: ``[N]`` int64 class indices.
+            chunk: examples per forward pass, to bound memory.
+        """
         was_training = self.model.training
         self.model.eval()
-        logits, _ = self.model(x)
+        correct = 0
+        for start in range(0, len(labels), chunk):
+            logits, _ = self.model(x[start : start + chunk])
+            y = labels[start : start + chunk]
+            true_logit = logits.gather(1, y[:, None])[:, 0]
+            correct += int((true_logit >= logits.amax(dim=1)).sum())
         self.model.train(was_training)
-        true_logit = logits.gather(1, labels[:, None])[:, 0]
-        return float((true_logit >= logits.amax(dim=1)).to(torch.float64).mean())
+        return correct / len(labels)
