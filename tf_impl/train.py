@@ -85,6 +85,7 @@ class ReferenceTrainer:
         recipe = self.recipe
         model = self.model
         variables = model.trainable
+        dtype = self.dtype
 
         @tf.function(autograph=False)
         def step_fn(x, y):
@@ -128,8 +129,10 @@ class ReferenceTrainer:
                 )
             with tf.control_dependencies([train_op]):
                 param_norm = tf.linalg.global_norm([tf.identity(v) for v in variables])
-                moving_norm = tf.linalg.global_norm(
-                    [tf.identity(m) for m, _ in updates]
+                # A network without batch norm has no moving statistics.
+                moving = [tf.identity(m) for m, _ in updates]
+                moving_norm = (
+                    tf.linalg.global_norm(moving) if moving else tf.zeros([], dtype)
                 )
             return {
                 "learning_rate": lr,

@@ -32,7 +32,13 @@ _L2_MODES = ("all", "weights_only", "weight_decay")
 
 
 def global_norm(tensors):
-    """``sqrt(sum_i sum(t_i**2))`` over a list of tensors, as a 0-d tensor."""
+    """``sqrt(sum_i sum(t_i**2))`` over a list of tensors, as a 0-d tensor.
+
+    An empty list (a network without batch norm has no moving statistics)
+    gives 0.
+    """
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
     return torch.sqrt(sum((t * t).sum() for t in tensors))
 
 
