@@ -367,6 +367,9 @@ def _worker(conn, cases, opts):
                 conn.send(("memory", measured))
                 return
             step, sync, memory = built[name]
+            if command == "profile":
+                conn.send(("profile", _profile(step, sync, n, name)))
+                continue
             first = name not in measured
             if first:
                 memory.start()
@@ -380,6 +383,21 @@ def _worker(conn, cases, opts):
             conn.send(("times", times))
     except Exception as e:  # sent to the parent, which raises it
         conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def _profile(step, sync, n, name):
+    """A `torch.profiler` table of `n` steps, by self CPU time; None for TF."""
+    if name.startswith("tf_"):
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(n):
+            sync(step())
+    table = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=45
+    )
+    return f"{n} steps of {name}, grouped by input shape\n{table}"
 
 
 class _Runner:
@@ -414,6 +432,10 @@ class _Runner:
     def run(self, name, n):
         self.conn.send(("run", name, n))
         return self._receive("times")
+
+    def profile(self, name, n):
+        self.conn.send(("profile", name, n))
+        return self._receive("profile")
 
     def stop(self):
         self.conn.send(("stop", None, 0))
@@ -470,8 +492,8 @@ def run_bench(opts, *, cases=None, isolate="case", progress=None):
 
     Args:
         opts: dict with ``device``, ``dtype``, ``threads``, ``batch_size``,
-            ``input_size``, ``naive_batch``, ``seed``, ``warmup``, ``repeats``
-            and ``naive_full_repeats``.
+            ``input_size``, ``naive_batch``, ``seed``, ``warmup``, ``repeats``,
+            ``naive_full_repeats`` and optionally ``profile_steps``.
         cases: the `Case` list; all of `CASES` if None.
         isolate: ``"case"``: a process per case (clean memory figures);
             ``"framework"``: one process per framework (faster to start; a
@@ -481,8 +503,9 @@ def run_bench(opts, *, cases=None, isolate="case", progress=None):
             round.
 
     Returns:
-        A dict with ``options``, ``machine`` and ``cases`` (name -> dict of
-        set-up information, timing statistics and memory).
+        A dict with ``options``, ``machine``, ``cases`` (name -> dict of
+        set-up information, timing statistics and memory) and ``profiles``
+        (PyTorch case name -> profiler table, when ``opts["profile_steps"]``).
 
     Raises:
         ValueError: if `isolate` is not ``"case"`` or ``"framework"``.
@@ -523,6 +546,13 @@ def run_bench(opts, *, cases=None, isolate="case", progress=None):
             if opts["warmup"]:
                 owner[name].run(name, 1)
             times[name].extend(owner[name].run(name, opts["naive_full_repeats"]))
+        profiles = {}
+        if opts.get("profile_steps"):
+            # After the timed rounds, so that profiling slows no timed step.
+            for name in main:
+                table = owner[name].profile(name, opts["profile_steps"])
+                if table is not None:
+                    profiles[name] = table
         for r in runners:
             for name, memory in r.stop().items():
                 results[name]["memory"] = memory
@@ -536,6 +566,7 @@ def run_bench(opts, *, cases=None, isolate="case", progress=None):
         "options": dict(opts, isolate=isolate),
         "machine": _machine(),
         "cases": results,
+        "profiles": profiles,
     }
 
 
@@ -693,8 +724,8 @@ def build_parser():
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--json", metavar="PATH", help="write every number here")
-    p.add_argument("--repeats", type=int, default=20, help="timed rounds")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per case")
+    p.add_argument("--repeats", type=int, default=15, help="timed rounds")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per case")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--input-size", type=int, default=28)
     p.add_argument(
@@ -724,6 +755,12 @@ def build_parser():
         default="case",
         help="a process per case (default; clean memory figures) or per framework "
         "(starts faster)",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="after the rounds, profile 2 steps of each PyTorch case with "
+        "torch.profiler and write DIR/<case>.txt",
     )
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -761,6 +798,7 @@ def _options(args):
         "warmup": args.warmup,
         "repeats": args.repeats,
         "naive_full_repeats": args.naive_full_repeats,
+        "profile_steps": 2 if args.profile else 0,
     }
 
 
@@ -815,6 +853,11 @@ def main(argv=None):
     print(f"wall_s {results['wall_s']:.1f}")
     print()
     print(format_table(results))
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+        for name, table in results["profiles"].items():
+            with open(os.path.join(args.profile, f"{name}.txt"), "w") as f:
+                f.write(table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=_json_default)

@@ -213,3 +213,44 @@ def test_bench_runs_end_to_end_and_writes_every_case(tmp_path):
     }
     assert "torch_approx.median_s " in done.stdout
     assert "target approx_vs_own_xent" in done.stdout
+
+
+def _literal_block(block, x):
+    # The reference's order: ReLU twice, then max-pool, then batch norm.
+    return block.batch_norm(F.max_pool2d(F.relu(F.relu(block.conv(x))), 2, 2))
+
+
+def _block_derivatives(forward, block, x):
+    out = forward(x)
+    # A first-order gradient w.r.t. the input, then the gradient of its norm
+    # w.r.t. the kernel: second order, as the exact mode needs.
+    (g,) = torch.autograd.grad(out.pow(3).sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.abs().sum(), block.conv.weight)
+    return out, g, gg
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["bn=train", "bn=eval"])
+def test_reordered_conv_block_equals_the_reference_order_exactly(training):
+    from torch_impl.models import _ConvBlock
+
+    torch.manual_seed(0)
+    block = _ConvBlock(1, 4).to(torch.float64).train(training)
+    # Small integers make exact zeros and ties inside pooling windows.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-2, 3, (3, 1, 8, 8), generator=gen).to(torch.float64)
+    x.requires_grad_(True)
+    with torch.no_grad():
+        block.conv.weight.copy_(torch.randint(-1, 2, block.conv.weight.shape))
+
+    def literal_without_relu(t):
+        # The planted fault: the ReLU left out.
+        return block.batch_norm(F.max_pool2d(block.conv(t), 2, 2))
+
+    expected = _block_derivatives(lambda t: _literal_block(block, t), block, x)
+    actual = _block_derivatives(block, block, x)
+    faulty = _block_derivatives(literal_without_relu, block, x)
+
+    exact = tolerances.TOLERANCES["float64"]["exact"]
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=exact.rtol, atol=exact.atol)
+    assert not torch.equal(faulty[0], expected[0])

@@ -21,7 +21,10 @@ BN_EPSILON = 1e-5
 
 
 class _ConvBlock(nn.Module):
-    """conv 5x5 "same" without bias, ReLU twice, max-pool 2x2, batch norm."""
+    """conv 5x5 "same" without bias, ReLU twice, max-pool 2x2, batch norm.
+
+    Computed as conv, max-pool, one ReLU, batch norm: the same function.
+    """
 
     def __init__(self, in_channels, filters):
         super().__init__()
@@ -29,9 +32,14 @@ class _ConvBlock(nn.Module):
         self.batch_norm = nn.BatchNorm2d(filters, eps=BN_EPSILON, momentum=BN_MOMENTUM)
 
     def forward(self, x):
-        # The reference applies ReLU twice; the second is a no-op.
-        h = F.relu(F.relu(self.conv(x)))
-        return self.batch_norm(F.max_pool2d(h, 2, 2))
+        # The reference applies ReLU twice, then max-pools. ReLU is idempotent
+        # and monotone, so one ReLU after the pooling is the same function with
+        # the same gradients of every order: a window's pooled maximum is
+        # positive exactly when its largest entry is, at the same index, and a
+        # window with no positive entry gives 0 and no gradient either way. It
+        # touches a quarter of the elements (profiled in `parity.bench`).
+        h = F.max_pool2d(self.conv(x), 2, 2)
+        return self.batch_norm(F.relu(h))
 
 
 class MnistNet(nn.Module):
