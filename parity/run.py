@@ -126,6 +126,19 @@ def build_parser():
         help="with --torch-loss, check the one config only, not also the mutant "
         "catalogue's settings (ties, exact mode, K=3, training)",
     )
+    recipe = p.add_argument_group(
+        "training recipe", "defaults are the reference's (REFERENCE.md section 3)"
+    )
+    recipe.add_argument("--margin-weight", type=float, default=1.0)
+    recipe.add_argument("--xent-weight", type=float, default=0.0)
+    recipe.add_argument("--l2-weight", type=float, default=5e-4)
+    recipe.add_argument("--learning-rate", type=float, default=0.1)
+    recipe.add_argument(
+        "--decay-steps",
+        type=int,
+        default=2000,
+        help="steps per learning-rate staircase decay (rate 0.96)",
+    )
     p.add_argument(
         "--steps",
         type=int,
@@ -284,6 +297,7 @@ def main(argv=None):
                 "--top-k must be between 1 and the 10 classes. "
                 f"Received: --top-k={args.top_k}"
             )
+        recipe = _recipe(args) if args.steps else None
         dataset = data_lib.load(args.data, args.data_dir)
         torch_loss = plugins.load_spec(args.torch_loss) if args.torch_loss else None
         tf_loss = (
@@ -337,7 +351,17 @@ def main(argv=None):
         all_rows += _catalogue_rows(args, port, device)
     if args.steps and not args.sweep:
         all_rows, extra = _train(
-            args, base, weights, dataset, x_train, x_test, port, device, all_rows, extra
+            args,
+            recipe,
+            base,
+            weights,
+            dataset,
+            x_train,
+            x_test,
+            port,
+            device,
+            all_rows,
+            extra,
         )
 
     _log(args, seconds=f"{time.perf_counter() - started:.1f}")
@@ -365,7 +389,22 @@ def _catalogue_rows(args, port, device):
     return rows
 
 
-def _train(args, cfg, weights, dataset, x_train, x_test, port, device, rows, extra):
+def _recipe(args):
+    from parity import training
+
+    return training.Recipe(
+        margin_weight=args.margin_weight,
+        xent_weight=args.xent_weight,
+        l2_weight=args.l2_weight,
+        learning_rate=args.learning_rate,
+        decay_steps=args.decay_steps,
+        batch_size=args.batch_size,
+    )
+
+
+def _train(
+    args, recipe, cfg, weights, dataset, x_train, x_test, port, device, rows, extra
+):
     from parity import training
 
     if cfg.batch_norm != "train":
@@ -373,7 +412,6 @@ def _train(args, cfg, weights, dataset, x_train, x_test, port, device, rows, ext
     train_set = data_lib.Dataset(
         dataset.name, x_train, dataset.y_train, x_test, dataset.y_test
     )
-    recipe = training.Recipe(batch_size=args.batch_size)
     result = training.compare_training(
         cfg,
         recipe,
