@@ -77,7 +77,7 @@ def main(argv=None):
                     arch=arch, layers=layers, dtype=dtype, seed=seed, batch_size=batch
                 )
                 jobs += run.sweep_configs(base)
-    for cfg in tqdm(jobs, file=sys.stderr, desc="configs"):
+    for cfg in tqdm(jobs, file=sys.stderr, desc="configs", disable=None):
         x_train, _ = run._input_for(dataset, cfg.arch)
         w = weights_lib.init_weights(
             cfg.arch, input_size=x_train.shape[1], seed=cfg.seed

@@ -909,7 +909,8 @@ def _progress(items, enabled, desc):
         return items
     from tqdm import tqdm
 
-    return tqdm(items, desc=desc, file=sys.stderr, leave=False)
+    # disable=None: no bar where stderr is not a terminal.
+    return tqdm(items, desc=desc, file=sys.stderr, leave=False, disable=None)
 
 
 # --------------------------------------------------------------------------

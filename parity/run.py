@@ -445,7 +445,8 @@ def _progress(configs, args):
     return tqdm(
         configs,
         desc="configs",
-        disable=args.quiet or len(configs) == 1,
+        # None: no bar where stderr is not a terminal (CI logs).
+        disable=True if args.quiet or len(configs) == 1 else None,
         file=sys.stderr,
     )
 

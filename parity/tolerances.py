@@ -22,8 +22,8 @@ its floor times a margin of 20 to 100, rounded up to a power of ten, so that
 the table is neither loose enough to hide a real fault nor tight enough to
 flake. ``rtol`` is set equal to ``atol``: near the tensor's scale the two
 units coincide, and the small elements whose relative error is larger (the
-rtol floor) already pass through ``atol * scale``. The mutant catalogue (``python -m parity.mutants``) is the check that
-it is not too loose.
+rtol floor) already pass through ``atol * scale``. The mutant catalogue
+(``python -m parity.mutants``) is the check that it is not too loose.
 """
 
 import dataclasses

@@ -415,7 +415,9 @@ def compare_training(
 
     actual = []
     expected = [] if reference is None else list(reference.expected)
-    bar = tqdm(range(steps), desc="training", unit="step", disable=not progress)
+    bar = tqdm(
+        range(steps), desc="training", unit="step", disable=None if progress else True
+    )
     for step in bar:
         index = next(batches)
         x, y = dataset.x_train[index], dataset.y_train[index]
@@ -557,6 +559,7 @@ def plot(result, path):
         )
         top.plot(steps, a, "--", color="tab:blue", lw=1.2, label="PyTorch (actual)")
         top.set_title(name)
+        top.ticklabel_format(axis="y", useOffset=False)
         diff = np.abs(a - e)
         # log scale: a zero difference is drawn at the smallest positive one.
         positive = diff[diff > 0]
@@ -580,7 +583,16 @@ def plot(result, path):
     if result.first_divergence is not None:
         step, quantity = result.first_divergence
         title += f": first divergence at step {step} ({quantity})"
-    fig.suptitle(title)
+    else:
+        title += ": no divergence within the compared steps"
+    skipped = sum(r.status == "SKIP" for r in result.rows)
+    notes = ["a zero difference is drawn a decade below the smallest non-zero one"]
+    if skipped:
+        notes.append(
+            f"{skipped} rows past the dtype's horizon are not compared (SKIP); "
+            "no 'allowed' line there"
+        )
+    fig.suptitle(title + "\n" + "; ".join(notes), fontsize="medium")
 
     def write(tmp):
         fig.savefig(tmp, format="png", dpi=90)
