@@ -66,8 +66,15 @@ def build_parser():
         default="mnist",
         help="the reference network or the toy network (12x12 input)",
     )
-    p.add_argument("--dist-norm", choices=["1", "2", "inf"], default="inf")
-    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument(
+        "--dist-norm",
+        choices=["1", "2", "inf"],
+        default="inf",
+        help="norm of the distance; its dual is taken of the gradient (default inf)",
+    )
+    p.add_argument(
+        "--top-k", type=int, default=1, help="K competing classes, 1..10 (default 1)"
+    )
     p.add_argument(
         "--no-worst-case",
         action="store_true",
@@ -76,9 +83,24 @@ def build_parser():
     p.add_argument(
         "--exact", action="store_true", help="use_approximation off: second-order terms"
     )
-    p.add_argument("--gamma", type=float, default=10000.0)
-    p.add_argument("--alpha", type=float, default=4.0, help="alpha_factor")
-    p.add_argument("--epsilon", type=float, default=1e-6)
+    p.add_argument(
+        "--gamma",
+        type=float,
+        default=10000.0,
+        help="margin and upper clip (default 1e4)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=4.0,
+        help="alpha_factor: lower clip gamma * (1 - alpha) (default 4)",
+    )
+    p.add_argument(
+        "--epsilon",
+        type=float,
+        default=1e-6,
+        help="added to the gradient norm before dividing (default 1e-6)",
+    )
     p.add_argument(
         "--layer-weights",
         choices=["auto", "none", "size"],
@@ -86,11 +108,30 @@ def build_parser():
         help="size = elements per example (the reference's choice for "
         "inf); auto = size for inf, none otherwise",
     )
-    p.add_argument("--batch-norm", choices=["train", "eval"], default="train")
-    p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", choices=["digits", "mnist"], default="digits")
+    p.add_argument(
+        "--batch-norm",
+        choices=["train", "eval"],
+        default="train",
+        help="batch statistics (train, the reference) or moving statistics",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float64", "float32"],
+        default="float64",
+        help="both sides' dtype; selects the tolerance table",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=256, help="examples per batch (default 256)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seeds the weights and the batch sampler"
+    )
+    p.add_argument(
+        "--data",
+        choices=["digits", "mnist"],
+        default="digits",
+        help="scikit-learn's bundled digits (default) or MNIST from --data-dir",
+    )
     p.add_argument(
         "--data-dir",
         default=None,
@@ -145,7 +186,12 @@ def build_parser():
         default=20,
         help="training steps of both sides after the static check (0 skips training)",
     )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="cpu",
+        help="PyTorch's device; TF32 is off on a GPU unless --allow-tf32",
+    )
     p.add_argument(
         "--allow-tf32",
         action="store_true",
@@ -163,8 +209,12 @@ def build_parser():
         metavar="PATH",
         help="CSV of the per-step training records",
     )
-    p.add_argument("--json", default=None, metavar="PATH")
-    p.add_argument("--junit", default=None, metavar="PATH")
+    p.add_argument(
+        "--json", default=None, metavar="PATH", help="the rows as versioned JSON"
+    )
+    p.add_argument(
+        "--junit", default=None, metavar="PATH", help="JUnit XML, a test case per row"
+    )
     p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     return p
 
