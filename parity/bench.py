@@ -51,6 +51,7 @@ import time
 import numpy as np
 
 from parity import config as config_lib
+from parity import report
 from parity import weights as weights_lib
 
 __all__ = ["CASES", "Case", "main", "run_bench", "summarize"]
@@ -806,6 +807,8 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.json is not None:
+            report.check_output_path(args.json, "--json")
         opts = _options(args)
         names = None
         if args.cases:
@@ -859,8 +862,9 @@ def main(argv=None):
             with open(os.path.join(args.profile, f"{name}.txt"), "w") as f:
                 f.write(table)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, default=_json_default)
+        report.atomic_write(
+            args.json, json.dumps(results, indent=2, default=_json_default) + "\n"
+        )
     return 0
 
 

@@ -207,18 +207,20 @@ def compare_all(
         actual_side: shown in messages.
         expected_side: shown in messages.
         skip_missing_internals: mark loss internals absent from `actual` as
-            ``SKIP`` (a plug-in that reports only its loss) instead of
-            ``FAIL``.
+            ``SKIP`` instead of ``FAIL`` when `actual` reports none of them (a
+            plug-in that returns only its loss). A port that reports some
+            internals must report them all.
 
     Returns:
         A list of `Row`, one per expected key, then one per key only in
         `actual`.
     """
     loss_scales = _loss_scales(expected, config)
+    loss_only = skip_missing_internals and not any(_is_internal(k) for k in actual)
     rows = []
     for key in _data_flow_order(expected):
         a = actual.get(key)
-        if a is None and skip_missing_internals and _is_internal(key):
+        if a is None and loss_only and _is_internal(key):
             rows.append(
                 Row(
                     key=key,

@@ -38,6 +38,34 @@ class Config:
 
     def __post_init__(self):
         spec.check_dist_norm(self.dist_norm)
+        if self.arch not in ("mnist", "toy"):
+            raise ValueError(
+                f"`arch` must be 'mnist' or 'toy'. Received: arch={self.arch!r}"
+            )
+        allowed = ALL_LAYERS if self.arch == "mnist" else ("input", "conv_layer0")
+        layers = self.layers
+        if (
+            not isinstance(layers, tuple)
+            or any(name not in allowed for name in layers)
+            or len(set(layers)) != len(layers)
+        ):
+            raise ValueError(
+                f"`layers` must be distinct names among {list(allowed)}. "
+                f"Received: layers={layers!r}"
+            )
+        for name, low in (("gamma", 0.0), ("epsilon", None), ("alpha", None)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(
+                    f"`{name}` must be a number. Received: {name}={value!r}"
+                )
+            if not math.isfinite(value) or (low is not None and value <= low):
+                rule = "finite and positive" if low is not None else "finite"
+                raise ValueError(f"`{name}` must be {rule}. Received: {name}={value!r}")
+        if self.epsilon < 0:
+            raise ValueError(
+                f"`epsilon` must be 0 or more. Received: epsilon={self.epsilon!r}"
+            )
         if self.layer_weights not in ("auto", "size", "none"):
             raise ValueError(
                 "`layer_weights` must be 'auto', 'size' or 'none'. "

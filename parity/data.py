@@ -7,8 +7,10 @@ or standard-deviation normalisation. Nothing is downloaded.
 
 import dataclasses
 import gzip
+import math
 import os
 import struct
+import zipfile
 
 import numpy as np
 
@@ -73,7 +75,8 @@ def _read_idx(path, ndim):
         )
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     body = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
+    # math.prod on Python ints: numpy's product of huge dimensions overflows.
+    if body.size != math.prod(shape):
         raise DataError(
             f"MNIST file {path} is truncated: header says shape {shape}, "
             f"found {body.size} values"
@@ -104,8 +107,9 @@ def _mnist(data_dir):
         try:
             with np.load(npz, allow_pickle=False) as f:
                 arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-        except (OSError, ValueError, KeyError, EOFError) as e:
-            raise DataError(f"cannot read {npz}: {e}") from e
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            reason = "it needs pickle, which is refused" if "pickle" in str(e) else e
+            raise DataError(f"cannot read {npz} as plain arrays: {reason}") from e
     else:
         arrays = {}
         for key, (stem, ndim) in _IDX.items():
@@ -130,6 +134,13 @@ def _mnist(data_dir):
             )
         if len(y) and (y.min() < 0 or y.max() > 9):
             raise DataError(f"MNIST {split} labels outside 0..9 in {data_dir!r}")
+        # Pixels are bytes 0..255, as in the IDX files and Keras' mnist.npz;
+        # floats (already scaled, or NaN) would be scaled wrongly here.
+        if x.dtype != np.uint8:
+            raise DataError(
+                f"MNIST {split} images in {data_dir!r} must be uint8 pixels 0..255. "
+                f"Received: dtype={x.dtype}"
+            )
 
     def images(x):
         return (np.asarray(x, np.float64) / 255.0)[..., None]

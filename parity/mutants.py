@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_impl
-from parity import compare, spec, torch_side
+from parity import compare, report, spec, torch_side
 from parity import config as config_lib
 from parity import data as data_lib
 from parity import weights as weights_lib
@@ -1025,6 +1025,11 @@ def main(argv=None):
         for m in MUTANTS.values():
             print(f"{m.name:<25} {m.kind:<8} {m.setting:<10} {m.description}")
         return 0
+    if args.json is not None:
+        try:
+            report.check_output_path(args.json, "--json")
+        except ValueError as e:
+            parser.exit(2, f"error: {e}\n")
     if args.only:
         unknown = [n for n in args.only if n not in MUTANTS]
         if unknown:

@@ -18,8 +18,10 @@ JSON schema (``schema_version`` 1)::
 import collections
 import dataclasses
 import json
+import math
 import os
 import platform
+import re
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
@@ -29,6 +31,8 @@ from parity import __version__, tolerances
 __all__ = [
     "SCHEMA_VERSION",
     "atomic_write",
+    "check_output_path",
+    "umask_mode",
     "exit_code",
     "format_table",
     "summary",
@@ -97,6 +101,44 @@ def versions():
     return out
 
 
+def check_output_path(path, argument):
+    """Checks, before any work, that a report can be written at `path`.
+
+    Creates missing parent folders, as the write would.
+
+    Raises:
+        ValueError: if `path` is empty, a folder, or under something that is
+            not a writable folder.
+    """
+    if not path:
+        raise ValueError(f"{argument} needs a file path. Received: {argument}={path!r}")
+    if os.path.isdir(path):
+        raise ValueError(
+            f"{argument} must name a file, not a folder. Received: {argument}={path!r}"
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(
+            f"{argument} cannot be written there ({e.strerror}). "
+            f"Received: {argument}={path!r}"
+        ) from e
+    if not os.access(folder, os.W_OK):
+        raise ValueError(
+            f"{argument} is in a folder this process cannot write. "
+            f"Received: {argument}={path!r}"
+        )
+
+
+def umask_mode():
+    """The mode a new file gets here: 0666 less the umask."""
+    # mkstemp creates 0600; a report should get the usual 0666 & ~umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path, data, mode="w"):
     """Writes `data` to `path` through a temporary file and a rename.
 
@@ -110,6 +152,7 @@ def atomic_write(path, data, mode="w"):
     try:
         with os.fdopen(fd, mode) as f:
             f.write(data)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -142,6 +185,20 @@ def to_document(rows, *, config=None, extra=None):
     return doc
 
 
+def _finite(value):
+    """`value` with non-finite floats as the strings "nan", "inf", "-inf".
+
+    Strict JSON has no NaN or Infinity; a report must parse everywhere.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _json_default(value):
     if hasattr(value, "tolist"):
         return value.tolist()
@@ -153,7 +210,17 @@ def _json_default(value):
 def write_json(path, *, rows, config=None, extra=None):
     """Writes the JSON report to `path` atomically."""
     doc = to_document(rows, config=config, extra=extra)
-    atomic_write(path, json.dumps(doc, indent=2, default=_json_default) + "\n")
+    # Round trip through the encoder first so numpy values become floats.
+    doc = _finite(json.loads(json.dumps(doc, default=_json_default)))
+    atomic_write(path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
+
+
+# Characters XML 1.0 cannot hold, which a plug-in's error text may carry.
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _xml_text(text):
+    return _XML_INVALID.sub("?", text)
 
 
 def write_junit(path, rows, name="parity"):
@@ -168,10 +235,11 @@ def write_junit(path, rows, name="parity"):
         skipped=str(skipped),
     )
     for r in rows:
-        case = ET.SubElement(suite, "testcase", classname=name, name=r.key)
+        case = ET.SubElement(suite, "testcase", classname=name, name=_xml_text(r.key))
+        message = _xml_text(r.message)
         if r.failed:
-            ET.SubElement(case, "failure", message=r.message[:200]).text = r.message
+            ET.SubElement(case, "failure", message=message[:200]).text = message
         elif r.status in ("SKIP", "KNOWN"):
-            ET.SubElement(case, "skipped", message=r.message[:200] or r.status)
+            ET.SubElement(case, "skipped", message=message[:200] or r.status)
     data = ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode")
     atomic_write(path, '<?xml version="1.0" encoding="utf-8"?>\n' + data + "\n")

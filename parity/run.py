@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import zipfile
 
 import numpy as np
 
@@ -289,22 +290,36 @@ def _input_for(dataset, arch):
 
 
 def _load_weights(args, arch, input_size):
+    expected = weights_lib.init_weights(arch, input_size=input_size, seed=args.seed)
     if args.weights is None:
-        return weights_lib.init_weights(arch, input_size=input_size, seed=args.seed)
+        return expected
+    where = f"--weights={args.weights!r}"
     try:
         with np.load(args.weights, allow_pickle=False) as f:
-            loaded = {k: np.asarray(f[k], np.float64) for k in f.files}
-    except (OSError, ValueError, EOFError) as e:
+            raw = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, TypeError) as e:
+        # TypeError: a .npy file loads as one array, not an archive.
+        reason = "it needs pickle, which is refused" if "pickle" in str(e) else e
         raise ValueError(
-            f"cannot read --weights. Received: --weights={args.weights!r} ({e})"
+            f"--weights must be an .npz archive of plain arrays ({reason}). "
+            f"Received: {where}"
         ) from e
-    table = weights_lib.ARCHITECTURES[arch]["params"]
-    if set(loaded) != set(table):
+    if set(raw) != set(expected):
         raise ValueError(
-            f"--weights must hold exactly {sorted(table)}. Received: "
-            f"missing={sorted(set(table) - set(loaded))}, "
-            f"unknown={sorted(set(loaded) - set(table))}"
+            f"--weights must hold exactly {sorted(expected)}. Received: "
+            f"missing={sorted(set(expected) - set(raw))}, "
+            f"unknown={sorted(set(raw) - set(expected))}"
         )
+    loaded = {}
+    for name, array in raw.items():
+        if array.dtype.kind not in "fiu" or array.shape != expected[name].shape:
+            raise ValueError(
+                f"--weights {name} must be real numbers of shape "
+                f"{expected[name].shape} for the {arch} network on "
+                f"{input_size}x{input_size} inputs. Received: shape={array.shape}, "
+                f"dtype={array.dtype}"
+            )
+        loaded[name] = array.astype(np.float64)
     return loaded
 
 
@@ -348,6 +363,9 @@ def main(argv=None):
                 f"Received: --top-k={args.top_k}"
             )
         recipe = _recipe(args) if args.steps else None
+        for argument in ("json", "junit", "plot", "csv"):
+            if getattr(args, argument) is not None:
+                report.check_output_path(getattr(args, argument), f"--{argument}")
         dataset = data_lib.load(args.data, args.data_dir)
         torch_loss = plugins.load_spec(args.torch_loss) if args.torch_loss else None
         tf_loss = (

@@ -26,7 +26,7 @@ ERROR_KEY = "__error__"
 def _call_loss(loss_fn, kwargs):
     try:
         out = loss_fn(**kwargs)
-    except Exception as e:  # a plug-in may fail in any way
+    except (Exception, SystemExit) as e:  # a plug-in may fail in any way
         raise RuntimeError(f"the TensorFlow loss raised {type(e).__name__}: {e}") from e
     parts = out if isinstance(out, dict) else {"loss": out}
     loss = parts.get("loss")
@@ -100,22 +100,42 @@ def quantities(cfg, weights, x_nhwc, labels, loss_fn=None):
     y = tf.constant(labels, tf.int64)
     try:
         logits, endpoints, parts, grads = compute(x, y)
-    except RuntimeError as e:
+    except Exception as e:  # the loss, or what it returned, broke the graph
         logits, endpoints = model(x, training=cfg.training)
-        out = {"input": x.numpy(), "logits": logits.numpy()}
-        for name, t in endpoints.items():
-            out[f"activation/{name}"] = t.numpy()
-        out[ERROR_KEY] = str(e)
+        out = _forward_rows(x, logits, endpoints)
+        out[ERROR_KEY] = (
+            str(e)
+            if isinstance(e, RuntimeError)
+            else (f"the TensorFlow loss's result: {type(e).__name__}: {e}")
+        )
         return out
 
+    out = _forward_rows(x, logits, endpoints)
+    try:
+        out.update(_loss_rows(cfg, names, parts, grads))
+    except Exception as e:  # a plug-in's dict that does not hold the parts
+        out[ERROR_KEY] = f"the TensorFlow loss's result: {type(e).__name__}: {e}"
+    return out
+
+
+def _forward_rows(x, logits, endpoints):
     out = {"input": x.numpy(), "logits": logits.numpy()}
     for name, t in endpoints.items():
         out[f"activation/{name}"] = t.numpy()
-    if "top_k_index" in parts:
-        out["top_k_index"] = parts["top_k_index"].numpy().astype(np.int64)
+    return out
+
+
+def _decision(t):
+    a = t.numpy()
+    return a.astype(np.int64) if np.issubdtype(a.dtype, np.integer) else a
+
+
+def _loss_rows(cfg, names, parts, grads):
+    out = {}
     if "layers" in parts:
+        out["top_k_index"] = _decision(parts["top_k_index"])
         for name, part in zip(cfg.layers, parts["layers"], strict=True):
-            out[f"clip_branch/{name}"] = part["clip_branch"].numpy().astype(np.int64)
+            out[f"clip_branch/{name}"] = _decision(part["clip_branch"])
         out["probabilities"] = parts["probabilities"].numpy()
         out["difference"] = parts["difference"].numpy()
         for name, part in zip(cfg.layers, parts["layers"], strict=True):

@@ -62,7 +62,15 @@ class Port:
 
 
 def _np(t):
-    return t.detach().cpu().numpy()
+    # A copy: a port that later writes into a tensor in place must not change
+    # rows already taken from it.
+    return t.detach().cpu().numpy().copy()
+
+
+def _decision(t):
+    """A discrete decision as int64; a non-integer one keeps its dtype and fails."""
+    a = _np(t)
+    return a.astype(np.int64) if np.issubdtype(a.dtype, np.integer) else a
 
 
 class LossCallError(RuntimeError):
@@ -72,7 +80,7 @@ class LossCallError(RuntimeError):
 def _call_loss(port, kwargs):
     try:
         out = port.loss(**kwargs)
-    except Exception as e:  # a port under test may fail in any way
+    except (Exception, SystemExit) as e:  # a port under test may fail in any way
         raise LossCallError(
             f"the {port.name} loss raised {type(e).__name__}: {e}"
         ) from e
@@ -86,6 +94,58 @@ def _call_loss(port, kwargs):
             f"the {port.name} loss must return a scalar tensor. Received: {shape}"
         )
     return parts
+
+
+_PART_KEYS = ("probabilities", "difference", "top_k_index", "layers")
+_LAYER_KEYS = ("gradient", "grad_norm", "distance", "clip_branch", "loss")
+
+
+def _internals(port, parts, names):
+    """The loss internals of a dict-returning port, as rows.
+
+    Raises:
+        LossCallError: if the dict lacks a key or holds something that is not
+            a tensor, or its ``layers`` do not match the layers asked for.
+    """
+    missing = [k for k in _PART_KEYS if k not in parts]
+    if missing:
+        raise LossCallError(
+            f"the {port.name} loss returned a dict without {missing}. Received: "
+            f"keys={sorted(parts)}"
+        )
+    layers = parts["layers"]
+    if not isinstance(layers, (list, tuple)) or len(layers) != len(names):
+        raise LossCallError(
+            f"the {port.name} loss must return one entry of `layers` per layer "
+            f"({len(names)}). Received: layers={type(layers).__name__} of "
+            f"{len(layers) if isinstance(layers, (list, tuple)) else 'no'} entries"
+        )
+    for i, part in enumerate(layers):
+        bad = [k for k in _LAYER_KEYS if not isinstance(part.get(k), torch.Tensor)]
+        if not isinstance(part, dict) or bad:
+            raise LossCallError(
+                f"the {port.name} loss's layers[{i}] must hold tensors {bad}. "
+                f"Received: {type(part).__name__}"
+            )
+    for k in ("probabilities", "difference", "top_k_index"):
+        if not isinstance(parts[k], torch.Tensor):
+            raise LossCallError(
+                f"the {port.name} loss's {k!r} must be a tensor. "
+                f"Received: {type(parts[k]).__name__}"
+            )
+    out = {"top_k_index": _decision(parts["top_k_index"])}
+    for name, part in zip(names, layers, strict=True):
+        out[f"clip_branch/{name}"] = _decision(part["clip_branch"])
+    out["probabilities"] = _np(parts["probabilities"])
+    out["difference"] = _np(parts["difference"])
+    for name, part in zip(names, layers, strict=True):
+        grad = neutral.activation_to_neutral(_np(part["gradient"]))
+        for k in range(grad.shape[0]):
+            out[f"gradient/{name}/k{k}"] = grad[k]
+        out[f"grad_norm/{name}"] = _np(part["grad_norm"])
+        out[f"distance/{name}"] = _np(part["distance"])
+        out[f"layer_loss/{name}"] = _np(part["loss"])
+    return out
 
 
 def forward(port, cfg, weights, x_nhwc, device="cpu"):
@@ -127,23 +187,64 @@ def quantities(cfg, weights, x_nhwc, labels, port=None, device="cpu"):
     for name, t in endpoints.items():
         out[f"activation/{name}"] = neutral.activation_to_neutral(_np(t))
     try:
-        parts = _call_loss(
-            port,
-            dict(logits=logits, one_hot_labels=one_hot, layers_list=layers, **kwargs),
-        )
-        loss = parts["loss"]
-        params = [(n, p) for n, p in model.named_parameters()]
-        # Gradients are read as a training loop reads them, from .grad after
-        # backward(): a loss that itself writes into the parameters' .grad
-        # (per-class gradients taken with .backward()) shows in loss_gradient.
-        inputs = [x] + [p for _, p in params]
-        # retain_graph: a plug-in's per-layer losses are computed below.
-        loss.backward(inputs=inputs, retain_graph=True)
-        grads = [t.grad for t in inputs]
-    except (LossCallError, RuntimeError) as e:
+        out.update(_loss_rows(port, cfg, model, x, logits, one_hot, layers, kwargs))
+    except LossCallError as e:
         # The forward rows can still be compared; the loss rows cannot.
         out[ERROR_KEY] = str(e)
-        return out
+    except Exception as e:  # what a port returned broke the loss rows
+        out[ERROR_KEY] = f"the {port.name} loss's result: {type(e).__name__}: {e}"
+    return out
+
+
+def _loss_rows(port, cfg, model, x, logits, one_hot, layers, kwargs):
+    def call(layer_list, **overrides):
+        # A copy of the list: a port that mutates it must not break the harness.
+        return _call_loss(
+            port,
+            dict(
+                logits=logits,
+                one_hot_labels=one_hot,
+                layers_list=list(layer_list),
+                **{**kwargs, **overrides},
+            ),
+        )
+
+    parts = call(layers)
+    loss = parts["loss"]
+    params = [(n, p) for n, p in model.named_parameters()]
+    # Gradients are read as a training loop reads them, from .grad after
+    # backward(): a loss that itself writes into the parameters' .grad
+    # (per-class gradients taken with .backward()) shows in loss_gradient.
+    inputs = [x] + [p for _, p in params]
+    if not loss.requires_grad:
+        raise LossCallError(
+            f"the {port.name} loss has no graph back to the network: it cannot be "
+            "differentiated. Received: a loss tensor with requires_grad=False"
+        )
+    # retain_graph: a plug-in's per-layer losses are computed below.
+    loss.backward(inputs=inputs, retain_graph=True)
+    # Unused inputs get no .grad: their gradient is zero, as tf.gradients'
+    # None is read on the TensorFlow side.
+    grads = [torch.zeros_like(t) if t.grad is None else t.grad for t in inputs]
+
+    out = {}
+    if isinstance(parts, dict) and len(parts) > 1:
+        out.update(_internals(port, parts, cfg.layers))
+    else:
+        # A plug-in that returns only its loss: each layer's loss from a call
+        # with that layer alone (the total is the mean over layers).
+        for i, name in enumerate(cfg.layers):
+            single = {}
+            if kwargs["layers_weights"] is not None:
+                single["layers_weights"] = [kwargs["layers_weights"][i]]
+            out[f"layer_loss/{name}"] = _np(call([layers[i]], **single)["loss"])
+    out["loss"] = _np(loss)
+
+    out["loss_gradient/input"] = neutral.activation_to_neutral(_np(grads[0]))
+    by_key = {n: _np(g) for (n, _), g in zip(params, grads[1:], strict=True)}
+    for name, g in neutral.torch_to_neutral(cfg.arch, by_key).items():
+        out[f"loss_gradient/{name}"] = g
+    return out
     if "top_k_index" in parts:
         out["top_k_index"] = _np(parts["top_k_index"]).astype(np.int64)
     if "layers" in parts:

@@ -18,7 +18,7 @@ import tempfile
 
 import numpy as np
 
-from parity import compare, tolerances
+from parity import compare, report, tolerances
 from parity import data as data_lib
 
 __all__ = [
@@ -482,12 +482,14 @@ def to_document(result):
 
 def _replace_atomically(path, write):
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(
         dir=folder, prefix=".tmp-", suffix=os.path.basename(path)
     )
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, report.umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
