@@ -116,7 +116,7 @@ def _usage_error(args, capsys):
         ("--gamma", "nan", "Received: gamma=nan"),
         ("--epsilon", "-1", "`epsilon` must be 0 or more"),
         ("--alpha", "inf", "`alpha` must be finite"),
-        ("--layers", "input,input", "`layers` must be distinct names"),
+        ("--layers", "input,input", "`layers` must be distinct layer names"),
     ],
     ids=[
         "gamma-negative",
@@ -204,7 +204,7 @@ def test_json_report_is_strict_json_and_junit_parses(tmp_path):
     [
         ("schema_version", True, "unknown schema version"),
         ("schema_version", 1.0, "unknown schema version"),
-        ("config", "layers-bogus", "the manifest's config is invalid"),
+        ("config", "layers-bogus", "must be among"),
     ],
     ids=["schema-true", "schema-float", "bogus-layer"],
 )
