@@ -14,7 +14,14 @@ import numpy as np
 from parity import divergences as divergences_lib
 from parity import tolerances
 
-__all__ = ["Row", "compare_all", "compare_arrays", "first_failure"]
+__all__ = [
+    "ERROR_KEY",
+    "Row",
+    "compare_all",
+    "compare_arrays",
+    "compare_sides",
+    "first_failure",
+]
 
 PASS, FAIL, KNOWN, SKIP = "PASS", "FAIL", "KNOWN", "SKIP"
 
@@ -324,6 +331,51 @@ _INTERNALS = (
 
 def _is_internal(key):
     return any(fnmatch.fnmatch(key, p) for p in _INTERNALS)
+
+
+ERROR_KEY = "__error__"
+
+
+def compare_sides(actual, expected, *, config, loss_only_ok):
+    """`compare_all` on two lanes' quantities, with their loss-call errors as rows.
+
+    A lane whose loss raised carries its message under ``ERROR_KEY``; it
+    becomes a failed ``loss_call/<side>`` row after the forward rows, which
+    could still be compared. Neither dict is modified.
+
+    Args:
+        actual: the PyTorch lane's quantities.
+        expected: the TensorFlow lane's (or a fixture's) quantities.
+        config: the `Config`.
+        loss_only_ok: a port that reports only its loss may leave the
+            internals out (they are SKIP, not FAIL).
+
+    Returns:
+        The rows, in data-flow order.
+    """
+    errors = []
+    for side, values in (("TensorFlow", expected), ("PyTorch", actual)):
+        if ERROR_KEY in values:
+            errors.append(
+                Row(key=f"loss_call/{side}", status=FAIL, message=values[ERROR_KEY])
+            )
+    actual = {k: v for k, v in actual.items() if k != ERROR_KEY}
+    expected = {k: v for k, v in expected.items() if k != ERROR_KEY}
+    rows = compare_all(
+        actual,
+        expected,
+        dtype=config.dtype,
+        config=config,
+        skip_missing_internals=loss_only_ok,
+    )
+    if errors:
+        forward = [r for r in rows if r.quantity in ("input", "logits", "activation")]
+        rest = [r for r in rows if r not in forward]
+        for r in rest:
+            if r.failed and "missing on" in r.message:
+                r.message = f"{r.key}: not computed, the loss call failed"
+        rows = forward + errors + rest
+    return rows
 
 
 def first_failure(rows):

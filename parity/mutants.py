@@ -721,9 +721,9 @@ def _error_row(key, message):
 
 
 def _static_rows(setting, port, expected, weights, x, y, device):
-    # The comparison of parity.run.run_static, on a cached expected side, and
-    # with a port that fails outside its loss (building or running the
-    # network) reported as a failed row as well.
+    # parity.run.run_static's comparison, on a cached expected side, with a
+    # port that fails outside its loss (building or running the network)
+    # reported as a failed row as well.
     cfg = setting.config
     try:
         actual = torch_side.quantities(cfg, weights, x, y, port=port, device=device)
@@ -735,25 +735,9 @@ def _static_rows(setting, port, expected, weights, x, y, device):
         for r in rows:
             r.message = f"{r.key}: not computed, the port failed"
         return [_error_row("port_call/PyTorch", message)] + rows
-    errors = []
-    for side, values in (("TensorFlow", expected), ("PyTorch", actual)):
-        if ERROR_KEY in values:
-            errors.append(_error_row(f"loss_call/{side}", values.pop(ERROR_KEY)))
-    rows = compare.compare_all(
-        actual,
-        expected,
-        dtype=cfg.dtype,
-        config=cfg,
-        skip_missing_internals=port.name != "torch_impl",
+    return compare.compare_sides(
+        actual, expected, config=cfg, loss_only_ok=port.name != "torch_impl"
     )
-    if errors:
-        forward = [r for r in rows if r.quantity in ("input", "logits", "activation")]
-        rest = [r for r in rows if r not in forward]
-        for r in rest:
-            if r.failed and "missing on" in r.message:
-                r.message = f"{r.key}: not computed, the loss call failed"
-        rows = forward + errors + rest
-    return rows
 
 
 def _training_rows(setting, port, weights, dataset, device, references):

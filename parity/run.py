@@ -26,8 +26,6 @@ from parity import weights as weights_lib
 
 __all__ = ["main", "run_static", "sweep_configs"]
 
-ERROR_KEY = "__error__"
-
 
 def _parse_layers(text, arch):
     allowed = config_lib.ALL_LAYERS if arch == "mnist" else ("input", "conv_layer0")
@@ -242,12 +240,6 @@ def sweep_configs(base):
     return out
 
 
-def _error_rows(key, message):
-    from parity.compare import FAIL, Row
-
-    return [Row(key=key, status=FAIL, message=message)]
-
-
 def run_static(cfg, weights, x, y, *, torch_port=None, tf_loss=None, device="cpu"):
     """Both sides on one batch; returns the compared rows.
 
@@ -258,26 +250,10 @@ def run_static(cfg, weights, x, y, *, torch_port=None, tf_loss=None, device="cpu
 
     expected = tf_side.quantities(cfg, weights, x, y, loss_fn=tf_loss)
     actual = torch_side.quantities(cfg, weights, x, y, port=torch_port, device=device)
-    errors = []
-    for side, values in (("TensorFlow", expected), ("PyTorch", actual)):
-        if ERROR_KEY in values:
-            errors += _error_rows(f"loss_call/{side}", values.pop(ERROR_KEY))
-    rows = compare.compare_all(
-        actual,
-        expected,
-        dtype=cfg.dtype,
-        config=cfg,
-        skip_missing_internals=torch_port is not None
-        and torch_port.name != "torch_impl",
+    loss_only_ok = torch_port is not None and torch_port.name != "torch_impl"
+    return compare.compare_sides(
+        actual, expected, config=cfg, loss_only_ok=loss_only_ok
     )
-    if errors:
-        forward = [r for r in rows if r.quantity in ("input", "logits", "activation")]
-        rest = [r for r in rows if r not in forward]
-        for r in rest:
-            if r.failed and "missing on" in r.message:
-                r.message = f"{r.key}: not computed, the loss call failed"
-        rows = forward + errors + rest
-    return rows
 
 
 def _input_for(dataset, arch):
