@@ -50,7 +50,6 @@ __all__ = [
     "run_catalogue",
 ]
 
-ERROR_KEY = torch_side.ERROR_KEY
 BATCH_SIZE = 64
 SEED = 0
 
