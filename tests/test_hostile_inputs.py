@@ -223,3 +223,14 @@ def test_hostile_manifest_is_refused(tmp_path, field, value, message):
     (case / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(store.FixtureError, match=message):
         store.load_case(str(case))
+
+
+def test_fixtures_build_out_must_be_a_folder(tmp_path, capsys):
+    from parity.fixtures import cli
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["build", "--out", str(blocker), "trap-clip"])
+    assert exit_info.value.code == 2
+    assert "--out must be a folder" in capsys.readouterr().err
