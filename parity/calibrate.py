@@ -67,11 +67,7 @@ def main(argv=None):
     for arch in args.archs.split(","):
         for dtype in args.dtypes.split(","):
             for seed in range(args.seeds):
-                layers = (
-                    config_lib.ALL_LAYERS
-                    if arch == "mnist"
-                    else ("input", "conv_layer0")
-                )
+                layers = weights_lib.layer_names(arch)
                 batch = args.batch_size if arch == "mnist" else 32
                 base = config_lib.Config(
                     arch=arch, layers=layers, dtype=dtype, seed=seed, batch_size=batch

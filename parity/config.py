@@ -3,11 +3,11 @@
 import dataclasses
 import math
 
-from parity import spec
+from parity import spec, weights
 
 __all__ = ["ALL_LAYERS", "Config", "REFERENCE_LAYERS", "layer_sizes"]
 
-ALL_LAYERS = ("input", "conv_layer0", "conv_layer1", "fc_layer0")
+ALL_LAYERS = weights.layer_names("mnist")
 # The reference's training choice of margin layers (REFERENCE.md section 3).
 REFERENCE_LAYERS = ("input", "conv_layer0", "conv_layer1")
 

@@ -143,6 +143,13 @@ def atomic_write(path, data, mode="w"):
     """Writes `data` to `path` through a temporary file and a rename.
 
     An interrupted write leaves any previous file at `path` intact.
+
+    Args:
+        path: the file to write.
+        data: text or bytes, or a callable that writes the temporary file
+            whose path it is given (for writers that want a path, such as
+            matplotlib's savefig).
+        mode: the file mode for text or bytes.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -150,8 +157,12 @@ def atomic_write(path, data, mode="w"):
         dir=folder, prefix=".tmp-", suffix=os.path.basename(path)
     )
     try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
+        if callable(data):
+            os.close(fd)
+            data(tmp)
+        else:
+            with os.fdopen(fd, mode) as f:
+                f.write(data)
         os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:

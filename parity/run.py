@@ -28,7 +28,7 @@ __all__ = ["main", "run_static", "sweep_configs"]
 
 
 def _parse_layers(text, arch):
-    allowed = config_lib.ALL_LAYERS if arch == "mnist" else ("input", "conv_layer0")
+    allowed = weights_lib.layer_names(arch)
     if text == "all":
         return tuple(allowed)
     layers = tuple(t.strip() for t in text.split(",") if t.strip())

@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_impl
+from parity import compare
 from parity import config as config_lib
 
 # One tf.function per check: retracing is expected, its warning is noise.
@@ -20,7 +21,7 @@ def tf_dtype(name):
     return {"float64": tf.float64, "float32": tf.float32}[name]
 
 
-ERROR_KEY = "__error__"
+ERROR_KEY = compare.ERROR_KEY
 
 
 def _call_loss(loss_fn, kwargs):

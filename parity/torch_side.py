@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 
 import torch_impl
+from parity import compare
 from parity import config as config_lib
 from parity import weights as neutral
 
 __all__ = ["LossCallError", "Port", "quantities", "torch_dtype"]
 
 
-# Key of the error message when the loss could not be computed.
-ERROR_KEY = "__error__"
+ERROR_KEY = compare.ERROR_KEY
 
 
 def torch_dtype(name):

@@ -13,8 +13,6 @@ imports both.
 import csv
 import dataclasses
 import hashlib
-import os
-import tempfile
 
 import numpy as np
 
@@ -480,23 +478,6 @@ def to_document(result):
     }
 
 
-def _replace_atomically(path, write):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=folder, prefix=".tmp-", suffix=os.path.basename(path)
-    )
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, report.umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_csv(result, path):
     """Writes one row per step: ``step``, then each curve of both sides.
 
@@ -517,7 +498,7 @@ def write_csv(result, path):
                     row += [repr(a[name]), repr(e[name])]
                 writer.writerow(row)
 
-    _replace_atomically(path, write)
+    report.atomic_write(path, write)
 
 
 def _allowed(rows, name, step, actual, expected):
@@ -599,4 +580,4 @@ def plot(result, path):
     def write(tmp):
         fig.savefig(tmp, format="png", dpi=90)
 
-    _replace_atomically(path, write)
+    report.atomic_write(path, write)

@@ -22,6 +22,7 @@ __all__ = [
     "activation_to_nchw",
     "activation_to_neutral",
     "init_weights",
+    "layer_names",
     "neutral_to_torch",
     "torch_key",
     "torch_to_neutral",
@@ -73,6 +74,15 @@ ARCHITECTURES = {
     },
     "toy": {"params": _TOY, "endpoints": ("conv_layer0",), "input_size": 12},
 }
+
+
+def layer_names(arch):
+    """Names a margin layer can have in `arch`: the input, then each endpoint."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"`arch` must be one of {sorted(ARCHITECTURES)}. Received: arch={arch!r}"
+        )
+    return ("input",) + ARCHITECTURES[arch]["endpoints"]
 
 
 def _table(arch):
