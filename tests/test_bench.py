@@ -217,7 +217,7 @@ def test_bench_runs_end_to_end_and_writes_every_case(tmp_path):
 
 def _literal_block(block, x):
     # The reference's order: ReLU twice, then max-pool, then batch norm.
-    return block.batch_norm(F.max_pool2d(F.relu(F.relu(block.conv(x))), 2, 2))
+    return block.batch_norm(F.max_pool2d(F.relu(F.relu(block.convolve(x))), 2, 2))
 
 
 def _block_derivatives(forward, block, x):
@@ -244,7 +244,7 @@ def test_reordered_conv_block_equals_the_reference_order_exactly(training):
 
     def literal_without_relu(t):
         # The planted fault: the ReLU left out.
-        return block.batch_norm(F.max_pool2d(block.conv(t), 2, 2))
+        return block.batch_norm(F.max_pool2d(block.convolve(t), 2, 2))
 
     expected = _block_derivatives(lambda t: _literal_block(block, t), block, x)
     actual = _block_derivatives(block, block, x)
