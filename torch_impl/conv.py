@@ -53,9 +53,12 @@ def _grad_input(grad, weight):
     taps = weight.reshape(c, k * k).t().expand(b, k * k, c)
     z = torch.bmm(taps, grad.reshape(b, c, h * w)).view(b, k, k, h, w)
     out = grad.new_zeros(b, h + 2 * p, w + 2 * p)
-    for i in range(k):
-        for j in range(k):
-            out[:, i : i + h, j : j + w] += z[:, i, j]
+    # unbind, not z[:, i, j]: in the exact mode's second pass each indexing
+    # would scatter its gradient into a zeroed copy of the whole of z (a
+    # third of that step's time, profiled), where unbind stacks them once.
+    for i, row in enumerate(z.unbind(1)):
+        for j, tap in enumerate(row.unbind(1)):
+            out[:, i : i + h, j : j + w] += tap
     return out[:, None, p : p + h, p : p + w]
 
 
