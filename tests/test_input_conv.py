@@ -164,3 +164,23 @@ def test_the_network_uses_it_for_the_image_only():
     names = {type(node).__name__ for node in seen}
     assert "_InputConvBackward" in names
     assert "ConvolutionBackward0" in names  # conv_layer1 keeps oneDNN's
+
+
+def test_torch_func_transforms_match_conv2d():
+    # Per-example gradients with vmap, and a gradient of a gradient's norm.
+    import torch.func as func
+
+    x, w = _inputs()
+
+    def derivatives(conv):
+        def per_example(xi):
+            return conv(xi[None], w).tanh().sum()
+
+        def input_grad_norm(w_):
+            inner = func.grad(lambda t: conv(t, w_).pow(3).sum())(x)
+            return inner.abs().sum()
+
+        return func.vmap(func.grad(per_example))(x), func.grad(input_grad_norm)(w)
+
+    for a, e in zip(derivatives(input_conv2d), derivatives(_reference), strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=ATOL)

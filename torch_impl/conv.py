@@ -71,10 +71,17 @@ def _grad_weight(grad, x, k):
 
 
 class _InputConv(torch.autograd.Function):
+    # Under torch.func transforms (grad, vmap, jacrev) the backward's
+    # operations are batched like any others.
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, weight):
-        ctx.save_for_backward(x, weight)
+    def forward(x, weight):
         return F.conv2d(x, weight, padding=weight.shape[-1] // 2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad):
