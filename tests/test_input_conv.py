@@ -184,3 +184,52 @@ def test_torch_func_transforms_match_conv2d():
 
     for a, e in zip(derivatives(input_conv2d), derivatives(_reference), strict=True):
         torch.testing.assert_close(a, e, rtol=0, atol=ATOL)
+
+
+def test_forward_mode_and_hessian_match_conv2d():
+    import torch.func as func
+
+    x, w = _inputs()
+    x, w = x.detach(), w.detach()
+    tangents = (torch.ones_like(x), torch.ones_like(w))
+
+    def derivatives(conv):
+        _, jvp = func.jvp(conv, (x, w), tangents)
+        hessian = func.hessian(lambda w_: conv(x, w_).tanh().sum())(w)
+        return jvp, hessian
+
+    for a, e in zip(derivatives(input_conv2d), derivatives(_reference), strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=ATOL)
+
+
+def test_vmap_over_kernels_with_an_unbatched_cotangent():
+    import torch.func as func
+
+    x, w = _inputs()
+    x, w = x.detach(), w.detach()
+    kernels = torch.stack([w, 2 * w])
+    cotangent = torch.randn(x.shape[0], w.shape[0], *x.shape[2:], dtype=x.dtype)
+
+    def vjps(conv):
+        return func.vmap(lambda w_: func.vjp(conv, x, w_)[1](cotangent))(kernels)
+
+    for a, e in zip(vjps(input_conv2d), vjps(_reference), strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=ATOL)
+
+
+def test_the_input_gradient_is_contiguous_like_conv2d_s():
+    # User code may .view() it.
+    x, w = _inputs()
+    (gx,) = torch.autograd.grad(input_conv2d(x, w).sum(), x)
+    assert gx.is_contiguous()
+    gx.view(x.shape[0], -1)
+
+
+def test_torch_compile_with_fullgraph_traces_conv2d():
+    x, w = _inputs()
+    compiled = torch.compile(
+        lambda a, b: input_conv2d(a, b).sum(), backend="eager", fullgraph=True
+    )
+    (got,) = torch.autograd.grad(compiled(x, w), x)
+    (want,) = torch.autograd.grad(_reference(x, w).sum(), x)
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
