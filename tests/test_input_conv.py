@@ -233,3 +233,22 @@ def test_torch_compile_with_fullgraph_traces_conv2d():
     (got,) = torch.autograd.grad(compiled(x, w), x)
     (want,) = torch.autograd.grad(_reference(x, w).sum(), x)
     torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+
+
+def test_the_output_layout_is_conv2d_s_for_an_input_made_from_nhwc():
+    # A 1-channel NCHW view of NHWC data has channels_last strides too, and
+    # F.conv2d then answers in channels_last: the layers after it, and how
+    # their float32 reductions round, follow. input_conv2d must do the same.
+    gen = torch.Generator().manual_seed(0)
+    nhwc = torch.randn(3, 9, 9, 1, generator=gen, dtype=torch.float64)
+    x = nhwc.permute(0, 3, 1, 2).requires_grad_(True)
+    _, w = _inputs()
+    got, want = input_conv2d(x, w), _reference(x, w)
+    assert got.stride() == want.stride()
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # The backward takes its channels_last branches: to second order too.
+    got = _derivatives(input_conv2d, x, w)
+    want = _derivatives(_reference, x, w)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=ATOL)

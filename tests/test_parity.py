@@ -100,10 +100,17 @@ def test_reference_network_float64(digits, batch_norm, norm, top_k, worst, exact
 
 @pytest.mark.parametrize("exact", [False, True], ids=["approx", "exact"])
 def test_reference_network_float32_within_table(digits, exact):
+    # The calibration's batch (256) and its worst case (top_k 5, batch norm
+    # in training mode): float32 rounding there is amplified by the batch
+    # statistics, so a change of kernel or memory layout on one side shows.
     cfg = config.Config(
-        layers=config.ALL_LAYERS, exact=exact, dtype="float32", batch_size=64
+        layers=config.ALL_LAYERS,
+        exact=exact,
+        top_k=5,
+        dtype="float32",
+        batch_size=256,
     )
-    x, y = _batch(digits, "mnist", 64)
+    x, y = _batch(digits, "mnist", 256)
     rows = _check(cfg, weights.init_weights("mnist", input_size=8, seed=0), x, y)
     assert _failures(rows) == []
 
