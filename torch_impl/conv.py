@@ -74,16 +74,19 @@ def _grad_input(grad, weight):
     Each of the k*k kernel taps contributes ``sum_c weight[c, tap] *
     grad[:, c]`` at its own shift: one matrix product gives all the taps
     (batched per example for NCHW, one product over every pixel for
-    channels_last, with no copy in either layout), and a sum of shifted
-    slices places them.
+    channels_last, with no copy of `grad` in either layout), and a sum of
+    shifted slices places them.
     """
     b, c, h, w = grad.shape
     k = weight.shape[-1]
     kernel = weight.reshape(c, k * k)
     if _channels_last(grad):
         pixels = grad.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view
-        z = (pixels @ kernel).view(b, h, w, k, k)
-        taps = [row.unbind(3) for row in z.unbind(3)]
+        # Tap-major, so that each tap is contiguous for the shifted sum: the
+        # pixel-major product left them strided, and the sum took 19 ms
+        # where it now takes about 4 (profiled as above).
+        z = (kernel.t() @ pixels.t()).view(k, k, b, h, w)
+        taps = [row.unbind(0) for row in z.unbind(0)]
     else:
         per_example = kernel.t().expand(b, k * k, c)
         z = torch.bmm(per_example, grad.reshape(b, c, h * w)).view(b, k, k, h, w)
