@@ -26,8 +26,10 @@ __all__ = [
     "compare_training",
     "drift",
     "plot",
+    "reference_trainer",
     "to_document",
     "torch_state",
+    "torch_trainer",
     "write_csv",
 ]
 
@@ -154,6 +156,43 @@ class TrainingResult:
     def to_dict(self):
         """`to_document` with the rows added."""
         return {**to_document(self), "rows": [r.to_dict() for r in self.rows]}
+
+
+def torch_trainer(cfg, recipe, weights, port=None, device="cpu"):
+    """A `torch_impl.train.Trainer` of `port` (the built-in one if None) for `cfg`.
+
+    The network is `port`'s, built from the neutral `weights` in `cfg`'s dtype.
+    """
+    import torch_impl.train
+    from parity import torch_side
+
+    port = port or torch_side.Port()
+    dtype = torch_side.torch_dtype(cfg.dtype)
+    model = port.build_model(cfg.arch, weights, dtype=dtype, device=device)
+    return torch_impl.train.Trainer(
+        model,
+        recipe,
+        layers=cfg.layers,
+        loss_kwargs=cfg.loss_kwargs,
+        loss=port.loss,
+        overrides=port.recipe,
+    )
+
+
+def reference_trainer(cfg, recipe, weights, loss_fn=None):
+    """A `tf_impl.train.ReferenceTrainer` for `cfg` (its loss `loss_fn` if given)."""
+    import tf_impl.train
+    from parity import tf_side
+
+    return tf_impl.train.ReferenceTrainer(
+        cfg.arch,
+        weights,
+        recipe,
+        layers=cfg.layers,
+        loss_kwargs=cfg.loss_kwargs,
+        dtype=tf_side.tf_dtype(cfg.dtype),
+        loss_fn=loss_fn,
+    )
 
 
 def torch_state(trainer, arch):
@@ -378,34 +417,14 @@ def compare_training(
     import torch
     from tqdm import tqdm
 
-    import torch_impl.train
     from parity import torch_side
     from parity import weights as neutral
 
-    port = port or torch_side.Port()
     torch_dtype = torch_side.torch_dtype(cfg.dtype)
-    model = port.build_model(cfg.arch, weights, dtype=torch_dtype, device=device)
-    actual_trainer = torch_impl.train.Trainer(
-        model,
-        recipe,
-        layers=cfg.layers,
-        loss_kwargs=cfg.loss_kwargs,
-        loss=port.loss,
-        overrides=port.recipe,
-    )
+    actual_trainer = torch_trainer(cfg, recipe, weights, port, device)
     expected_trainer = None
     if reference is None:
-        import tf_impl.train
-        from parity import tf_side
-
-        expected_trainer = tf_impl.train.ReferenceTrainer(
-            cfg.arch,
-            weights,
-            recipe,
-            layers=cfg.layers,
-            loss_kwargs=cfg.loss_kwargs,
-            dtype=tf_side.tf_dtype(cfg.dtype),
-        )
+        expected_trainer = reference_trainer(cfg, recipe, weights)
 
     def to_torch(x_nhwc):
         x = neutral.activation_to_nchw(x_nhwc)
