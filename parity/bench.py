@@ -99,6 +99,20 @@ CASES = (
 TORCH_LAYOUTS = ("nchw", "channels_last")
 
 
+def _torch_input(x_nhwc, layout):
+    """The NHWC batch as a PyTorch NCHW tensor held in `layout` (TORCH_LAYOUTS).
+
+    A 1-channel NCHW view of NHWC data has the strides of both layouts, and
+    convolution answers it in channels_last. The layout is chosen here, not
+    left to that accident (see --torch-layout).
+    """
+    import torch
+
+    formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+    x = torch.from_numpy(weights_lib.activation_to_nchw(x_nhwc))
+    return x.clone(memory_format=formats[layout])
+
+
 def _margin_config(mode):
     return config_lib.Config(exact=mode == "exact")
 
@@ -212,12 +226,7 @@ def _torch_step(case, opts, batch_size):
         epsilon=RMS_EPSILON,
     )
     x_nhwc, labels_np = _synthetic(batch_size, opts["input_size"], opts["seed"])
-    x = torch.from_numpy(weights_lib.activation_to_nchw(x_nhwc)).to(device, dtype)
-    # A 1-channel NCHW view of NHWC data has the strides of both layouts, and
-    # convolution answers it in channels_last. The layout is chosen here, not
-    # left to that accident (see --torch-layout).
-    layout = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-    x = x.clone(memory_format=layout[opts.get("torch_layout", "nchw")])
+    x = _torch_input(x_nhwc, opts["torch_layout"]).to(device, dtype)
     labels = torch.from_numpy(labels_np).to(device)
     one_hot = F.one_hot(labels, NUM_CLASSES).to(dtype)
 
@@ -265,7 +274,7 @@ def _torch_step(case, opts, batch_size):
         "framework_version": torch.__version__,
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "layout": opts.get("torch_layout", "nchw"),
+        "layout": opts["torch_layout"],
         "interop_threads": torch.get_num_interop_threads(),
         "mkldnn": bool(torch.backends.mkldnn.is_available()),
     }
@@ -693,7 +702,7 @@ def _key_value_lines(results):
     lines.append(f"machine.cores {machine['cores']}")
     lines.append(f"threads {opts['threads']}")
     lines.append(f"dtype {opts['dtype']}")
-    lines.append(f"torch_layout {opts.get('torch_layout', 'nchw')}")
+    lines.append(f"torch_layout {opts['torch_layout']}")
     for name, res in results["cases"].items():
         for key in (
             "framework_version",

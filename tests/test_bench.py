@@ -254,3 +254,17 @@ def test_reordered_conv_block_equals_the_reference_order_exactly(training):
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, rtol=exact.rtol, atol=exact.atol)
     assert not torch.equal(faulty[0], expected[0])
+
+
+@pytest.mark.parametrize(
+    "layout, expected_strides",
+    [("nchw", (64, 64, 8, 1)), ("channels_last", (64, 1, 8, 1))],
+)
+def test_the_torch_input_layout_is_the_one_asked_for(layout, expected_strides):
+    # A 1-channel NCHW view of NHWC data has channels_last strides too; the
+    # benchmark must not leave the layout to that.
+    x_nhwc = np.arange(2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8, 1)
+    x = bench._torch_input(x_nhwc, layout)
+    assert x.stride() == expected_strides
+    assert x.shape == (2, 1, 8, 8)
+    np.testing.assert_array_equal(x.numpy()[:, 0], x_nhwc[..., 0])
